@@ -1,0 +1,36 @@
+# One entry point per job. `make test` and `make demo` work on a fresh clone: they build .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# 8 fake CPU devices so the sharding tests can build real meshes on a laptop/CI box.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+WORKDIR ?= workdirs/demo
+
+.PHONY: setup test test-fast demo model-info bench sweep overopt clean
+
+$(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-fast: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests
+
+demo: setup
+	$(BIN)/python -m experiments.chatgpt --workdir=$(WORKDIR)
+
+model-info: setup
+	$(BIN)/python -m experiments.model_info
+
+bench: setup
+	$(BIN)/python -m experiments.bench --config=configs/bench.py:cpu-tiny
+
+clean:
+	rm -rf workdirs out

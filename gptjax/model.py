@@ -1,0 +1,517 @@
+"""The GPT decoder family (GPT-1, GPT-2, GPT-3) in Flax Linen, with LM, reward and value heads.
+
+Read top to bottom: config -> attention -> MLP -> block -> decoder -> heads.
+
+Shape suffixes: B batch, T query length, S key/cache length, D d_model, N heads, H d_head,
+F d_ff, V vocab, G scanned layer groups.
+
+Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
+``layers`` …); ``gptjax.sharding`` is the one place that maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Remat (activation checkpointing) policies, by config name. "save_dots" keeps every matmul output and
+# recomputes only the cheap element-wise ops; "save_dots_no_batch" keeps weight matmuls but recomputes
+# the attention score/value products (their outputs grow with T^2).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_KINDS = ("dense", "local")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A model/config field holds a value that cannot work; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shape and numerics of one decoder. Presets live in ``gptjax.presets``."""
+
+    vocab_size: int = 50257  # token ids are in [0, vocab_size)
+    max_len: int = 1024  # context length: number of learned position embeddings
+    num_layers: int = 12
+    d_model: int = 768  # residual-stream width
+    num_heads: int = 12
+    # Width of one head. None means d_model // num_heads. Explicit so GPT-3 13B can be built as printed
+    # (d_model 5140, 40 heads x 128: the attention width 5120 need not equal d_model).
+    d_head: int | None = None
+    d_ff: int | None = None  # MLP hidden width; None means 4 * d_model
+    dropout_embed: float = 0.0  # on token+position embeddings
+    dropout_resid: float = 0.0  # on each residual branch output (attention and MLP)
+    dropout_attn: float = 0.0  # on attention probabilities (forces the XLA attention path)
+    post_ln: bool = False  # GPT-1: LayerNorm after each residual add, no final LN. GPT-2/3: pre-LN + final LN
+    ln_eps: float = 1e-5
+    # Attention kind of each layer, repeated cyclically: ("dense",) everywhere, or ("dense", "local") for
+    # GPT-3's alternating dense / locally banded pattern. num_layers must be a multiple of its length.
+    attention_pattern: tuple[str, ...] = ("dense",)
+    local_window: int = 256  # band width of "local" layers: a token sees itself and the previous window-1
+    attention_impl: str = "auto"  # auto: cuDNN flash on GPU when shapes/dtypes allow, XLA otherwise
+    dtype: str = "float32"  # compute dtype of matmuls/activations; logits and losses are always float32
+    param_dtype: str = "float32"  # storage dtype of parameters (and the optimizer's master copy)
+    scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
+    remat: str = "none"  # one of REMAT_POLICIES
+    init_std: float = 0.02  # N(0, init_std) for weights; residual projections also / sqrt(2 * num_layers)
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+
+    def __post_init__(self):
+        if isinstance(self.attention_pattern, str):
+            object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern.replace(" ", "").split(",")))
+        else:
+            object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+        positive = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "local_window")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.d_head is None and self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}: "
+                f"the attention width is num_heads * d_head; set model.d_head explicitly "
+                f"(e.g. d_head={self.d_model // self.num_heads}) or choose num_heads among "
+                f"{[h for h in range(1, min(self.d_model, 128) + 1) if self.d_model % h == 0]}")
+        for name, choices in (("remat", tuple(REMAT_POLICIES)), ("attention_impl", ATTENTION_IMPLS),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; valid choices: {list(choices)}")
+        bad = [k for k in self.attention_pattern if k not in ATTENTION_KINDS]
+        if bad or not self.attention_pattern:
+            raise ConfigError(f"model.attention_pattern={self.attention_pattern!r}: each entry must be one of "
+                              f"{list(ATTENTION_KINDS)}")
+        if self.num_layers % len(self.attention_pattern):
+            raise ConfigError(f"model.num_layers={self.num_layers} must be a multiple of "
+                              f"len(model.attention_pattern)={len(self.attention_pattern)}")
+        for name in ("dropout_embed", "dropout_resid", "dropout_attn"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.num_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def attn_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def num_groups(self) -> int:
+        """Number of scan steps: one step runs one cycle of ``attention_pattern``."""
+        return self.num_layers // len(self.attention_pattern)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**dict(fields))
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    # LayerNorm statistics in float32 whatever the compute dtype (as torch autocast does).
+    return nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.float32, param_dtype=_dtype(cfg.param_dtype),
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=_zeros(("norm",)), name=name)
+
+
+def resolve_attention_impl(cfg: GPTConfig, dropout_active: bool) -> str:
+    """'xla' | 'cudnn' | 'reference' for this config on the current default backend."""
+    if dropout_active:
+        return "reference"  # jax.nn.dot_product_attention has no attention dropout
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    cudnn_ok = (jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
+                and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0)
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, dropout: nn.Dropout | None, deterministic: bool):
+    """Plain softmax attention; used when attention dropout is on (and as the readable definition)."""
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+    logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    if dropout is not None:
+        probs_BNTS = dropout(probs_BNTS, deterministic=deterministic)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMasks:
+    """What the attention kernels need, built once per forward and shared by every layer.
+
+    ``dense``/``local`` are boolean (B, 1, T, S) masks or None; when ``is_causal`` is set the kernel adds the
+    causal triangle itself (cuDNN then skips the masked blocks) and ``kernel_window`` is passed as its
+    sliding window for local layers. In decode mode the causal/band structure is baked into the masks.
+    """
+
+    dense: Array | None
+    local: Array | None
+    is_causal: bool
+    kernel_window: int | None
+
+
+jax.tree_util.register_dataclass(AttentionMasks, data_fields=["dense", "local"],
+                                 meta_fields=["is_causal", "kernel_window"])
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPTConfig
+    kind: str  # "dense" | "local"
+
+    @nn.compact
+    def __call__(self, x_BTD, masks: AttentionMasks, cache: dict | None, cache_index, deterministic: bool):
+        cfg = self.cfg
+        dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        N, H = cfg.num_heads, cfg.head_dim
+        qkv_BT3NH = nn.DenseGeneral(
+            features=(3, N, H), dtype=dtype, param_dtype=pdtype, name="qkv",
+            kernel_init=_init(cfg.init_std, ("embed", "qkv", "heads", "kv")),
+            bias_init=_zeros(("qkv", "heads", "kv")))(x_BTD)
+        q_BTNH, k_BTNH, v_BTNH = qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
+        new_cache = None
+        if cache is not None:
+            # Decode: write this step's keys/values into the preallocated cache, attend over all of it.
+            k_BSNH = jax.lax.dynamic_update_slice(cache["k"], k_BTNH.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_BSNH = jax.lax.dynamic_update_slice(cache["v"], v_BTNH.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            k_BSNH = nn.with_logical_constraint(k_BSNH, ("batch", "cache_length", "heads", "kv"))
+            v_BSNH = nn.with_logical_constraint(v_BSNH, ("batch", "cache_length", "heads", "kv"))
+            new_cache = {"k": k_BSNH, "v": v_BSNH}
+            k_BSNH, v_BSNH = k_BSNH.astype(dtype), v_BSNH.astype(dtype)
+        else:
+            k_BSNH, v_BSNH = k_BTNH, v_BTNH
+
+        local = self.kind == "local"
+        mask = masks.local if local else masks.dense
+        window = masks.kernel_window if local else None
+        dropout_active = cfg.dropout_attn > 0 and not deterministic
+        impl = resolve_attention_impl(cfg, dropout_active)
+        if impl == "reference":
+            full = _materialise_mask(mask, masks.is_causal, window, q_BTNH.shape[1], k_BSNH.shape[1])
+            out_BTNH = reference_attention(q_BTNH, k_BSNH, v_BSNH, full, nn.Dropout(cfg.dropout_attn),
+                                           deterministic)
+        else:
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=masks.is_causal,
+                local_window_size=(window - 1, 0) if window else None, implementation=impl)
+        out_BTD = nn.DenseGeneral(
+            features=cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, name="out",
+            kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)))(out_BTNH)
+        out_BTD = nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
+        return out_BTD, new_cache
+
+
+def _materialise_mask(mask_B1TS, is_causal: bool, window: int | None, T: int, S: int):
+    """The full boolean mask the kernels apply implicitly (queries are the last T of S positions)."""
+    q_T1 = jnp.arange(T)[:, None] + (S - T)
+    k_1S = jnp.arange(S)[None, :]
+    full = jnp.ones((1, 1, T, S), bool)
+    if is_causal:
+        full = full & (k_1S <= q_T1)
+    if window:
+        full = full & (q_T1 - k_1S < window)
+    return full if mask_B1TS is None else full & mask_B1TS
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, deterministic: bool):
+        cfg = self.cfg
+        dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        h_BTF = nn.Dense(cfg.ff_dim, dtype=dtype, param_dtype=pdtype, name="fc",
+                         kernel_init=_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)))(x_BTD)
+        h_BTF = nn.with_logical_constraint(jax.nn.gelu(h_BTF, approximate=True), ("batch", "length", "mlp"))
+        out_BTD = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=pdtype, name="proj",
+                           kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed")),
+                           bias_init=_zeros(("embed",)))(h_BTF)
+        return nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x_BTD, masks, cache, cache_index, deterministic: bool):
+        cfg = self.cfg
+        dtype = _dtype(cfg.dtype)
+        attn = CausalSelfAttention(cfg, self.kind, name="attn")
+        mlp = MLP(cfg, name="mlp")
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        if cfg.post_ln:  # GPT-1
+            a_BTD, new_cache = attn(x_BTD, masks, cache, cache_index, deterministic)
+            x_BTD = ln_1(x_BTD + a_BTD).astype(dtype)
+            x_BTD = ln_2(x_BTD + mlp(x_BTD, deterministic)).astype(dtype)
+        else:  # GPT-2/3
+            a_BTD, new_cache = attn(ln_1(x_BTD).astype(dtype), masks, cache, cache_index, deterministic)
+            x_BTD = x_BTD + a_BTD
+            x_BTD = x_BTD + mlp(ln_2(x_BTD).astype(dtype), deterministic)
+        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), new_cache
+
+
+class BlockGroup(nn.Module):
+    """One cycle of ``attention_pattern`` (one block for all-dense models): the unit that is scanned."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cache, masks, cache_index, deterministic: bool):
+        new_cache = {} if cache is not None else None
+        for j, kind in enumerate(self.cfg.attention_pattern):
+            x_BTD, c = Block(self.cfg, kind, name=f"block_{j}")(
+                x_BTD, masks, None if cache is None else cache[f"block_{j}"], cache_index, deterministic)
+            if cache is not None:
+                new_cache[f"block_{j}"] = c
+        return x_BTD, new_cache
+
+
+def build_masks(cfg: GPTConfig, T: int, segment_ids_BT, decode: tuple | None) -> AttentionMasks:
+    """Attention masks for a training/eval forward (decode None) or a KV-cache step.
+
+    Training: causal within each packed document (``segment_ids_BT``; None = one document per row).
+    Decode (``decode=(cache_index, kv_valid_BS)``): the T new queries occupy cache slots
+    [cache_index, cache_index+T); a query sees slot j if j is not after it, was written with a real token
+    (``kv_valid_BS``; left-padding is False) and, in local layers, lies inside its window. A query always
+    sees itself, so padded rows never attend to nothing.
+    """
+    local_used = "local" in cfg.attention_pattern
+    if decode is None:
+        if segment_ids_BT is None:
+            return AttentionMasks(None, None, True, cfg.local_window if local_used else None)
+        same_doc_B1TT = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+        return AttentionMasks(same_doc_B1TT, same_doc_B1TT if local_used else None, True,
+                              cfg.local_window if local_used else None)
+    cache_index, kv_valid_BS = decode
+    S = kv_valid_BS.shape[1]
+    q_slot_T1 = cache_index + jnp.arange(T)[:, None]
+    k_slot_1S = jnp.arange(S)[None, :]
+    causal_TS = k_slot_1S <= q_slot_T1
+    dense_B1TS = (causal_TS[None] & kv_valid_BS[:, None, :]) | (k_slot_1S == q_slot_T1)[None]
+    dense_B1TS = dense_B1TS[:, None]
+    local_B1TS = dense_B1TS & (q_slot_T1 - k_slot_1S < cfg.local_window)[None, None] if local_used else None
+    return AttentionMasks(dense_B1TS, local_B1TS, False, None)
+
+
+class Decoder(nn.Module):
+    """Token + learned position embeddings, the block stack and (pre-LN models) a final LayerNorm."""
+
+    cfg: GPTConfig
+
+    def setup(self):
+        cfg = self.cfg
+        pdtype = _dtype(cfg.param_dtype)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdtype, dtype=_dtype(cfg.dtype),
+                            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="wte")
+        self.wpe = nn.Embed(cfg.max_len, cfg.d_model, param_dtype=pdtype, dtype=_dtype(cfg.dtype),
+                            embedding_init=_init(cfg.init_std, ("position", "embed")), name="wpe")
+        self.ln_f = None if cfg.post_ln else _layer_norm(cfg, "ln_f")
+        self.embed_dropout = nn.Dropout(cfg.dropout_embed)
+        group_cls = BlockGroup
+        if cfg.remat != "none":
+            # prevent_cse is only needed outside scan (scan already stops XLA from CSE-ing the recompute).
+            # static_argnums counts self: argument 5 is `deterministic`.
+            group_cls = nn.remat(BlockGroup, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                                 static_argnums=(5,))
+        if cfg.scan_layers:
+            scanned = nn.scan(group_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_groups,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            self.groups = scanned(cfg, name="groups")
+        else:
+            self.groups = [group_cls(cfg, name=f"groups_{i}") for i in range(cfg.num_groups)]
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, cache=None, cache_index=None,
+                 kv_valid_BS=None, deterministic: bool = True):
+        """Hidden states (B, T, D) in the compute dtype, and the updated KV cache (None without one)."""
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if cache is None and T > cfg.max_len:
+            raise ConfigError(f"sequence length {T} exceeds model.max_len={cfg.max_len} (the context); "
+                              f"shorten the input or raise max_len")
+        if positions_BT is None:
+            offset = 0 if cache_index is None else cache_index
+            positions_BT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
+        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+        x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic)
+        x_BTD = nn.with_logical_constraint(x_BTD.astype(_dtype(cfg.dtype)), ("batch", "length", "embed"))
+        masks = build_masks(cfg, T, segment_ids_BT, None if cache is None else (cache_index, kv_valid_BS))
+
+        if cfg.scan_layers:
+            x_BTD, new_cache = self.groups(x_BTD, cache, masks, cache_index, deterministic)
+        else:
+            new_cache = [] if cache is not None else None
+            for i, group in enumerate(self.groups):
+                x_BTD, c = group(x_BTD, None if cache is None else cache[i], masks, cache_index, deterministic)
+                if cache is not None:
+                    new_cache.append(c)
+        if self.ln_f is not None:
+            x_BTD = self.ln_f(x_BTD).astype(_dtype(cfg.dtype))
+        return x_BTD, new_cache
+
+    def embedding_matrix(self):
+        return self.wte.embedding
+
+
+def lm_logits(hidden_BTD, embedding_VD, dtype) -> Array:
+    """Tied output layer: logits in float32 whatever the compute dtype."""
+    return jnp.einsum("btd,vd->btv", hidden_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class GPT(nn.Module):
+    """Language model: decoder + (tied) LM head. Returns float32 logits (B, T, V) and the new cache."""
+
+    cfg: GPTConfig
+
+    def setup(self):
+        self.decoder = Decoder(self.cfg)
+        if not self.cfg.tie_embeddings:
+            self.lm_head = self.param("lm_head", _init(self.cfg.init_std, ("vocab", "embed")),
+                                      (self.cfg.vocab_size, self.cfg.d_model), _dtype(self.cfg.param_dtype))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, cache=None, cache_index=None,
+                 kv_valid_BS=None, deterministic: bool = True):
+        hidden_BTD, new_cache = self.decoder(tokens_BT, positions_BT, segment_ids_BT, cache=cache,
+                                             cache_index=cache_index, kv_valid_BS=kv_valid_BS,
+                                             deterministic=deterministic)
+        return self.logits(hidden_BTD), new_cache
+
+    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic: bool = True):
+        """Final hidden states only (for losses that compute the vocabulary projection in chunks)."""
+        return self.decoder(tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic)[0]
+
+    def logits(self, hidden_BTD):
+        embedding_VD = self.decoder.embedding_matrix() if self.cfg.tie_embeddings else self.lm_head
+        return nn.with_logical_constraint(lm_logits(hidden_BTD, embedding_VD, _dtype(self.cfg.dtype)),
+                                          ("batch", "length", "vocab"))
+
+    def output_embedding(self):
+        return self.decoder.embedding_matrix() if self.cfg.tie_embeddings else self.lm_head
+
+
+def last_valid_index(valid_BT) -> Array:
+    """Index of the last True in each row: the final (EOS) token under left or right padding."""
+    T = valid_BT.shape[1]
+    return (T - 1 - jnp.argmax(valid_BT[:, ::-1], axis=1)).astype(jnp.int32)
+
+
+class ScoreModel(nn.Module):
+    """Decoder + scalar head (Dense d_model -> 1): the reward model and the PPO value model.
+
+    ``__call__`` returns per-token scores (B, T) in float32 (the value model uses them as-is);
+    ``reward`` reads the score at each sequence's final valid token. Both heads have the same parameter
+    tree ({"decoder", "score"}), so a value model is initialised from a reward model by copying.
+    """
+
+    cfg: GPTConfig
+    zero_init_head: bool = False  # value heads may start at 0; reward heads start small and random
+
+    def setup(self):
+        head_init = (nn.initializers.zeros_init() if self.zero_init_head
+                     else nn.initializers.normal(1.0 / math.sqrt(self.cfg.d_model + 1)))
+        self.decoder = Decoder(self.cfg)
+        self.score = nn.Dense(1, dtype=jnp.float32, param_dtype=_dtype(self.cfg.param_dtype), name="score",
+                              kernel_init=nn.with_logical_partitioning(head_init, ("embed", "score")),
+                              bias_init=_zeros(("score",)))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, deterministic: bool = True):
+        hidden_BTD, _ = self.decoder(tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic)
+        return self.score(hidden_BTD.astype(jnp.float32))[..., 0]
+
+    def reward(self, tokens_BT, valid_BT, positions_BT=None, segment_ids_BT=None, *, deterministic: bool = True):
+        """Scalar score per sequence, read at its last valid (EOS) token. (B,)"""
+        hidden_BTD, _ = self.decoder(tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic)
+        idx_B = last_valid_index(valid_BT)
+        final_BD = jnp.take_along_axis(hidden_BTD, idx_B[:, None, None], axis=1)[:, 0]
+        return self.score(final_BD.astype(jnp.float32))[:, 0]
+
+
+def init_cache(cfg: GPTConfig, batch: int, cache_len: int, dtype=None):
+    """Zeroed KV cache with the layout the decoder expects (stacked over groups when scanned)."""
+    if cache_len > cfg.max_len:
+        raise ConfigError(f"cache length {cache_len} (prompt + new tokens) exceeds model.max_len={cfg.max_len}")
+    dtype = _dtype(cfg.dtype) if dtype is None else dtype
+    shape = (batch, cache_len, cfg.num_heads, cfg.head_dim)
+
+    def group(prefix=()):
+        return {f"block_{j}": {"k": jnp.zeros(prefix + shape, dtype), "v": jnp.zeros(prefix + shape, dtype)}
+                for j in range(len(cfg.attention_pattern))}
+
+    if cfg.scan_layers:
+        return group((cfg.num_groups,))
+    return [group() for _ in range(cfg.num_groups)]
+
+
+def stack_layers(params: dict) -> dict:
+    """Unscanned decoder params (groups_0 … groups_{G-1}) -> the scanned layout (groups, leading axis G)."""
+    dec = dict(params["decoder"])
+    keys = sorted((k for k in dec if k.startswith("groups_")), key=lambda k: int(k.split("_")[1]))
+    if not keys:
+        return params
+    dec["groups"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[dec.pop(k) for k in keys])
+    return {**params, "decoder": dec}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned decoder params -> one subtree per group (the unscanned layout)."""
+    dec = dict(params["decoder"])
+    if "groups" not in dec:
+        return params
+    stacked = dec.pop("groups")
+    G = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(G):
+        dec[f"groups_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "decoder": dec}
+
+
+def abstract_params(module: nn.Module, cfg: GPTConfig, seq_len: int = 8):
+    """Boxed (logically partitioned) parameter ShapeDtypeStructs, without allocating anything."""
+    tokens = jax.ShapeDtypeStruct((1, min(seq_len, cfg.max_len)), jnp.int32)
+    return jax.eval_shape(lambda t: module.init(jax.random.key(0), t), tokens)["params"]
+
+
+def count_params(cfg: GPTConfig) -> dict[str, int]:
+    """Parameter counts from the module's own shapes (jax.eval_shape: nothing is allocated).
+
+    ``non_embedding`` excludes token and position embeddings (Kaplan et al.'s N).
+    """
+    params = nn.unbox(abstract_params(GPT(cfg), cfg))
+    total = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
+    dec = params["decoder"]
+    embedding = int(math.prod(dec["wte"]["embedding"].shape) + math.prod(dec["wpe"]["embedding"].shape))
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
