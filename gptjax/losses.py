@@ -1,0 +1,92 @@
+"""Per-token statistics of a softmax over the vocabulary: log-prob of the target, log-normaliser, argmax hit, entropy.
+
+Two implementations that agree to float32 round-off (tests/test_losses.py):
+
+* ``token_stats(logits_BTV, ...)`` — from materialised logits (what ``GPT.__call__`` returns).
+* ``chunked_token_stats(hidden_BTD, embedding_VD, ...)`` — computes the vocabulary projection C positions at a
+  time inside ``jax.checkpoint``, so neither the forward nor the backward ever holds the full float32 (B, T, V)
+  logits: the backward recomputes one chunk's logits at a time. For GPT-2's 50k vocabulary at B=16, T=1024 that
+  is 3.3 GB of logits (plus as much again for their gradient) that never exist.
+
+``cross_entropy``/``chunked_cross_entropy`` are the negative log-likelihood views of the same two functions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.model import lm_logits
+
+Array = jax.Array
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, all float32 (B, T) except ``correct_BT`` (bool)."""
+
+    logprob_BT: Array  # log softmax(logits / temperature)[target]
+    logsumexp_BT: Array  # log-normaliser of logits / temperature (for the z-loss)
+    correct_BT: Array  # argmax(logits) == target
+    entropy_BT: Array | None  # entropy of softmax(logits / temperature); None unless asked for
+
+
+def token_stats(logits_BTV, targets_BT, *, temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
+    """Statistics of the next-token distributions given materialised logits (any float dtype; math in fp32)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    scaled_BTV = logits_BTV / temperature  # exact when temperature is 1
+    lse_BT = jax.nn.logsumexp(scaled_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(scaled_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    entropy_BT = None
+    if with_entropy:
+        # H = lse - E_p[logit]; one softmax, no log of small probabilities.
+        probs_BTV = jnp.exp(scaled_BTV - lse_BT[..., None])
+        entropy_BT = lse_BT - jnp.sum(probs_BTV * scaled_BTV, axis=-1)
+    return TokenStats(target_logit_BT - lse_BT, lse_BT, correct_BT, entropy_BT)
+
+
+def chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, *, chunk: int, dtype=None,
+                        temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
+    """``token_stats(lm_logits(hidden, embedding), targets)`` without materialising the (B, T, V) logits.
+
+    ``chunk`` positions are projected at a time (T need not be a multiple; the remainder is one more chunk).
+    Each chunk's projection + statistics runs under ``jax.checkpoint``, so only (B, chunk, V) logits are ever
+    live, in the backward as well as the forward. ``dtype`` is the matmul compute dtype (the model's
+    ``cfg.dtype``; default: the hidden states' dtype); logits are accumulated in float32 as ``GPT.logits`` does.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunked_token_stats: chunk must be a positive number of positions, got {chunk}")
+    dtype = hidden_BTD.dtype if dtype is None else dtype
+    B, T, D = hidden_BTD.shape
+
+    @jax.checkpoint
+    def stats_of_chunk(h_BCD, targets_BC):
+        logits_BCV = nn.with_logical_constraint(lm_logits(h_BCD, embedding_VD, dtype), ("batch", "length", "vocab"))
+        s = token_stats(logits_BCV, targets_BC, temperature=temperature, with_entropy=with_entropy)
+        entropy_BC = s.entropy_BT if with_entropy else jnp.zeros_like(s.logprob_BT)
+        return s.logprob_BT, s.logsumexp_BT, s.correct_BT, entropy_BC
+
+    n_full, rest = divmod(T, chunk)
+    pieces = []
+    if n_full:
+        h_NBCD = hidden_BTD[:, :n_full * chunk].reshape(B, n_full, chunk, D).swapaxes(0, 1)
+        t_NBC = targets_BT[:, :n_full * chunk].reshape(B, n_full, chunk).swapaxes(0, 1)
+        _, out_N = jax.lax.scan(lambda carry, xs: (carry, stats_of_chunk(*xs)), None, (h_NBCD, t_NBC))
+        pieces.append(tuple(x.swapaxes(0, 1).reshape(B, n_full * chunk) for x in out_N))
+    if rest:
+        pieces.append(stats_of_chunk(hidden_BTD[:, n_full * chunk:], targets_BT[:, n_full * chunk:]))
+    logprob_BT, lse_BT, correct_BT, entropy_BT = (jnp.concatenate(xs, axis=1) for xs in zip(*pieces))
+    return TokenStats(logprob_BT, lse_BT, correct_BT, entropy_BT if with_entropy else None)
+
+
+def cross_entropy(logits_BTV, targets_BT) -> Array:
+    """Token negative log-likelihood (B, T), float32."""
+    return -token_stats(logits_BTV, targets_BT).logprob_BT
+
+
+def chunked_cross_entropy(hidden_BTD, embedding_VD, targets_BT, *, chunk: int, dtype=None) -> Array:
+    """``cross_entropy(lm_logits(hidden, embedding), targets)`` computed ``chunk`` positions at a time."""
+    return -chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, chunk=chunk, dtype=dtype).logprob_BT
