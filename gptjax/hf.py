@@ -179,11 +179,11 @@ def _check_gpt2_compatible(cfg: GPTConfig) -> None:
 def _key_map(cfg: GPTConfig) -> list[tuple[str, tuple[str, ...], Callable[[Shape], Shape]]]:
     """(transformers key without the ``transformer.`` prefix, unscanned gptjax path, shape map) per param."""
     period = len(cfg.attention_pattern)
-    rows = list(_GLOBAL_SPEC)
+    rows = list(_GLOBAL_SPEC[:2])  # transformers' order: embeddings, layers, final LayerNorm
     for layer in range(cfg.num_layers):
         block = ("decoder", f"groups_{layer // period}", f"block_{layer % period}")
         rows += [(f"h.{layer}.{suffix}", block + path, shape_map) for suffix, path, shape_map in _LAYER_SPEC]
-    return rows
+    return rows + list(_GLOBAL_SPEC[2:])
 
 
 def _expected_unscanned(cfg: GPTConfig):

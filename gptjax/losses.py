@@ -42,9 +42,9 @@ def token_stats(logits_BTV, targets_BT, *, temperature: float = 1.0, with_entrop
     correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     entropy_BT = None
     if with_entropy:
-        # H = lse - E_p[logit]; one softmax, no log of small probabilities.
-        probs_BTV = jnp.exp(scaled_BTV - lse_BT[..., None])
-        entropy_BT = lse_BT - jnp.sum(probs_BTV * scaled_BTV, axis=-1)
+        # -Σ p log p from log p = z - lse: no cancellation between two large terms when one token dominates.
+        logp_BTV = scaled_BTV - lse_BT[..., None]
+        entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
     return TokenStats(target_logit_BT - lse_BT, lse_BT, correct_BT, entropy_BT)
 
 

@@ -1,0 +1,111 @@
+"""Training metrics: TensorBoard event files (no TensorFlow needed), ``metrics.jsonl`` and the progress line.
+
+TensorBoard files are written with the ``tensorboard`` package alone (its EventFileWriter and protos), so
+``tensorboard --logdir WORKDIR/tb`` reads them. ``metrics.jsonl`` holds one JSON object per log step
+(``{"step": 100, "train/loss": ..., ...}``) and one per evaluation (``{"step": 100, "eval/loss": ...}``).
+
+On resume from step S, records of steps after S (written by the interrupted run and about to be redone)
+are dropped from ``metrics.jsonl`` and a TensorBoard ``SessionLog.START`` at S+1 makes TensorBoard discard
+them too, so both show one consistent history.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of ``WORKDIR/metrics.jsonl`` in order (empty if none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """Writes scalars/text to TensorBoard and scalars to metrics.jsonl. Only the primary process writes."""
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+        self._enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl_path = os.path.join(workdir, METRICS_FILE)
+        if resume_step > 0 and os.path.exists(self._jsonl_path):
+            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+            tmp = self._jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self._jsonl_path)
+        elif resume_step == 0 and os.path.exists(self._jsonl_path):
+            os.remove(self._jsonl_path)  # a fresh run (no checkpoint): stale records of an aborted first attempt
+        self._jsonl = open(self._jsonl_path, "a")
+        self._tb = EventFileWriter(os.path.join(workdir, TB_DIR), flush_secs=30)
+        start = event_pb2.Event(wall_time=time.time(), step=resume_step + 1,
+                                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+        self._tb.add_event(start)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._enabled:
+            return
+        clean = {k: _to_float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items() if v is not None]
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           summary=summary_pb2.Summary(value=values)))
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Text summaries (TensorBoard's text plugin), e.g. sample generations."""
+        if not self._enabled:
+            return
+        values = []
+        for tag, text in texts.items():
+            tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+                                            tensor_shape=tensor_shape_pb2.TensorShapeProto())
+            meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+            values.append(summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor))
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           summary=summary_pb2.Summary(value=values)))
+
+    def flush(self) -> None:
+        if self._enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._tb.close()
+            self._enabled = False
+
+
+def _to_float(v) -> float | None:
+    v = float(np.asarray(v))
+    return v if math.isfinite(v) else None  # JSON has no NaN/Inf; the NaN guard reports those separately
+
+
+def format_progress(step: int, total: int, *, loss: float, tokens_per_s: float, mfu: float | None,
+                    eta_s: float | None, extra: Mapping[str, float] | None = None) -> str:
+    """One log line: ``step 120/2000 (6%) | loss 3.2104 | 12,345 tok/s | MFU 31.2% | ETA 0:12:31``."""
+    parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)", f"loss {loss:.4f}"]
+    for k, v in (extra or {}).items():
+        parts.append(f"{k} {v:.3g}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    parts.append("MFU n/a" if mfu is None else f"MFU {100 * mfu:.1f}%")
+    if eta_s is not None:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
+    return " | ".join(parts)

@@ -1,0 +1,117 @@
+"""A workdir belongs to one config: written at first start, checked (before anything is touched) on restart.
+
+The resolved config is stored as ``WORKDIR/config.json``. A restart whose config differs in any field that
+can change the run's results is refused with one error listing the differing fields; only the fields in
+``RESTART_SAFE_FIELDS`` (how often to log/evaluate/sample/checkpoint, the mesh shape — a checkpoint
+reshards onto any mesh — and the override switch itself) may change freely. ``train.allow_config_change``
+(``--allow_config_change`` on the binary) accepts the change: the previous config is kept as
+``config.<UTC time>.json`` and the new one becomes ``config.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any, Mapping
+
+from gptjax.model import ConfigError
+
+CONFIG_FILE = "config.json"
+
+RESTART_SAFE_FIELDS = (
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.sample_every",
+    "train.sample_prompts",
+    "train.sample_max_new_tokens",
+    "train.peak_flops",
+    "train.allow_config_change",
+    "mesh.shape",
+)
+
+
+class ConfigMismatchError(ConfigError):
+    """The workdir holds a run of another config."""
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain JSON-compatible dict of an ml_collections ConfigDict (or a mapping); tuples become lists."""
+    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(stored: Mapping, new: Mapping, ignore=RESTART_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
+    """[(field, stored value, new value)] for every differing field not in ``ignore`` (missing = '<absent>')."""
+    a, b = _flatten(stored), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            diffs.append((key, va, vb))
+    return diffs
+
+
+def check_or_write_config(workdir: str, cfg, *, allow_change: bool = False, write: bool = True) -> None:
+    """Refuse a workdir holding another config; otherwise record ``cfg`` there.
+
+    Nothing in ``workdir`` is created or modified before the check passes. ``write=False`` (non-primary
+    processes) only checks.
+    """
+    new = config_to_dict(cfg)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigMismatchError(f"{path} is unreadable ({e}); it is not a config written by this trainer. "
+                                      f"Use a new --workdir.") from None
+        diffs = config_diff(stored, new)
+        if diffs and not allow_change:
+            lines = "\n".join(f"  {k}: stored {va!r} -> now {vb!r}" for k, va, vb in diffs)
+            raise ConfigMismatchError(
+                f"workdir {workdir} holds a run with a different config ({len(diffs)} field(s) differ):\n{lines}\n"
+                f"Nothing was changed. Use a new --workdir, or pass --allow_config_change "
+                f"(train.allow_config_change=True) to continue this run with the new config.")
+        if not diffs:
+            if write and stored != new:  # only restart-safe fields changed: keep the record current
+                _write_json(path, new)
+            return
+        if write:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+            _write_json(path, new)
+        return
+    foreign = [n for n in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))]
+    if foreign:
+        raise ConfigMismatchError(f"workdir {workdir} holds {foreign} but no {CONFIG_FILE}: it was not written by "
+                                  f"this trainer (or its config was deleted). Nothing was changed; use a new "
+                                  f"--workdir.")
+    if write:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(path, new)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""gptjax.losses: the chunked vocabulary statistics against the plain ones, and the plain ones against NumPy.
+
+Checks: plain ``token_stats`` equals a float64 NumPy log-softmax / entropy; ``chunked_token_stats`` equals
+``token_stats(lm_logits(...))`` in value and gradient (float32, 1e-6) for chunk sizes that divide T, that do not,
+of 1 and larger than T; and the chunked backward never holds an array as large as the (B, T, V) logits.
+"""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import losses
+from gptjax.model import lm_logits
+
+B, T, D, V = 2, 10, 8, 33
+
+
+def _inputs(seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    hidden_BTD = jax.random.normal(k1, (B, T, D), jnp.float32)
+    embedding_VD = jax.random.normal(k2, (V, D), jnp.float32)
+    targets_BT = jax.random.randint(k3, (B, T), 0, V)
+    return hidden_BTD, embedding_VD, targets_BT
+
+
+def test_plain_stats_match_numpy_log_softmax():
+    hidden, emb, targets = _inputs()
+    logits = np.asarray(hidden, np.float64) @ np.asarray(emb, np.float64).T
+    for temperature in (1.0, 0.7):
+        s = losses.token_stats(lm_logits(hidden, emb, jnp.float32), targets, temperature=temperature,
+                               with_entropy=True)
+        z = logits / temperature
+        logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        t = np.asarray(targets)
+        want_logprob = np.take_along_axis(logp, t[..., None], -1)[..., 0]
+        np.testing.assert_allclose(s.logprob_BT, want_logprob, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s.entropy_BT, -(np.exp(logp) * logp).sum(-1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(s.correct_BT, logits.argmax(-1) == t)
+    np.testing.assert_allclose(losses.cross_entropy(lm_logits(hidden, emb, jnp.float32), targets),
+                               -losses.token_stats(lm_logits(hidden, emb, jnp.float32), targets).logprob_BT)
+
+
+def _objective(stats_fn):
+    # A scalar touching every output that has a gradient, with position-dependent weights.
+    w_BT = jnp.linspace(0.5, 1.5, B * T).reshape(B, T)
+
+    def f(hidden, emb, targets):
+        s = stats_fn(hidden, emb, targets)
+        return jnp.sum(w_BT * (s.logprob_BT + 0.1 * s.entropy_BT + 0.01 * s.logsumexp_BT ** 2))
+    return f
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, T, 16])
+def test_chunked_equals_plain_value_and_gradient(chunk):
+    hidden, emb, targets = _inputs(1)
+    plain = lambda h, e, t: losses.token_stats(lm_logits(h, e, jnp.float32), t, temperature=0.9, with_entropy=True)
+    chunked = lambda h, e, t: losses.chunked_token_stats(h, e, t, chunk=chunk, temperature=0.9, with_entropy=True)
+    want, got = plain(hidden, emb, targets), chunked(hidden, emb, targets)
+    for name in ("logprob_BT", "logsumexp_BT", "entropy_BT"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(got.correct_BT, want.correct_BT)
+    g_want = jax.grad(_objective(plain), argnums=(0, 1))(hidden, emb, targets)
+    g_got = jax.jit(jax.grad(_objective(chunked), argnums=(0, 1)))(hidden, emb, targets)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses.chunked_cross_entropy(hidden, emb, targets, chunk=chunk),
+                               losses.cross_entropy(lm_logits(hidden, emb, jnp.float32), targets),
+                               rtol=1e-6, atol=1e-6)
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Elements of the biggest array any equation (in any nested sub-jaxpr) produces."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(v.aval, "shape", ()))))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            largest = max(largest, _largest_intermediate(getattr(sub, "jaxpr", sub)))
+    return largest
+
+
+def test_chunked_backward_never_materialises_full_logits():
+    hidden, emb, targets = _inputs(2)
+    loss = lambda h, e: jnp.sum(losses.chunked_cross_entropy(h, e, targets, chunk=3))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, emb).jaxpr
+    # Parameter- and activation-sized arrays (V·D, B·T·D) and one chunk of logits (B·3·V) are all it may hold.
+    allowed = max(V * D, B * T * D, B * 3 * V)
+    assert allowed < B * T * V
+    assert _largest_intermediate(jaxpr) <= allowed
+    plain = lambda h, e: jnp.sum(losses.cross_entropy(lm_logits(h, e, jnp.float32), targets))
+    # The check can see a (B, T, V) array when there is one.
+    assert _largest_intermediate(jax.make_jaxpr(jax.grad(plain, argnums=(0, 1)))(hidden, emb).jaxpr) >= B * T * V
+
+
+def test_bad_chunk_is_one_clear_error():
+    hidden, emb, targets = _inputs()
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        losses.chunked_token_stats(hidden, emb, targets, chunk=0)
