@@ -147,12 +147,14 @@ def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
                         bias_init=_zeros(("norm",)), name=name)
 
 
-def resolve_attention_impl(cfg: GPTConfig, dropout_active: bool) -> str:
+def resolve_attention_impl(cfg: GPTConfig, dropout_active: bool, decoding: bool = False) -> str:
     """'xla' | 'cudnn' | 'reference' for this config on the current default backend."""
     if dropout_active:
         return "reference"  # jax.nn.dot_product_attention has no attention dropout
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
+    if decoding:
+        return "xla"  # one query per step: flash gains nothing and cuDNN would turn the mask into a bias
     cudnn_ok = (jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
                 and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0)
     return "cudnn" if cudnn_ok else "xla"
@@ -188,6 +190,32 @@ jax.tree_util.register_dataclass(AttentionMasks, data_fields=["dense", "local"],
                                  meta_fields=["is_causal", "kernel_window"])
 
 
+class Projection(nn.Module):
+    """y = x · W + b contracting the trailing ``in_shape`` dims into ``out_shape`` dims.
+
+    Used instead of nn.DenseGeneral because DenseGeneral initialises a flattened 2-D kernel and reshapes it,
+    which applies our N-D logical sharding constraint to the 2-D array under an active mesh.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    init_std: float
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(self.init_std, self.in_axes + self.out_axes),
+                            self.in_shape + self.out_shape, self.param_dtype)
+        bias = self.param("bias", _zeros(self.out_axes), self.out_shape, self.param_dtype)
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return y + bias.astype(self.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
     kind: str  # "dense" | "local"
@@ -197,10 +225,8 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         N, H = cfg.num_heads, cfg.head_dim
-        qkv_BT3NH = nn.DenseGeneral(
-            features=(3, N, H), dtype=dtype, param_dtype=pdtype, name="qkv",
-            kernel_init=_init(cfg.init_std, ("embed", "qkv", "heads", "kv")),
-            bias_init=_zeros(("qkv", "heads", "kv")))(x_BTD)
+        qkv_BT3NH = Projection((cfg.d_model,), (3, N, H), cfg.init_std, ("embed",), ("qkv", "heads", "kv"),
+                               dtype, pdtype, name="qkv")(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
         new_cache = None
         if cache is not None:
@@ -218,7 +244,7 @@ class CausalSelfAttention(nn.Module):
         mask = masks.local if local else masks.dense
         window = masks.kernel_window if local else None
         dropout_active = cfg.dropout_attn > 0 and not deterministic
-        impl = resolve_attention_impl(cfg, dropout_active)
+        impl = resolve_attention_impl(cfg, dropout_active, decoding=cache is not None)
         if impl == "reference":
             full = _materialise_mask(mask, masks.is_causal, window, q_BTNH.shape[1], k_BSNH.shape[1])
             out_BTNH = reference_attention(q_BTNH, k_BSNH, v_BSNH, full, nn.Dropout(cfg.dropout_attn),
@@ -227,10 +253,8 @@ class CausalSelfAttention(nn.Module):
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=masks.is_causal,
                 local_window_size=(window - 1, 0) if window else None, implementation=impl)
-        out_BTD = nn.DenseGeneral(
-            features=cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, name="out",
-            kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)))(out_BTNH)
+        out_BTD = Projection((N, H), (cfg.d_model,), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "kv"),
+                             ("embed",), dtype, pdtype, name="out")(out_BTNH)
         out_BTD = nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
         return out_BTD, new_cache
 

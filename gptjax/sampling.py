@@ -122,7 +122,7 @@ def _last_logits(module: GPT, tokens_BT, positions_BT, cache, cache_index, kv_va
     return module.logits(hidden_BTD[:, -1:])[:, 0], cache
 
 
-def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Array,
+def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Array | None,
            cfg: SamplingConfig) -> SampleOutput:
     """Generate up to ``cfg.max_new_tokens`` tokens after each left-padded prompt. Pure; jit via make_sampler.
 
@@ -185,7 +185,7 @@ def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Ar
         done_B, out = emit(i, logits_BV, done_B, out)
         return i + 1, cache, done_B, out
 
-    _, _, done_B, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, done_B, out))
+    out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, done_B, out))[-1]
     finished_B = jnp.any(out["mask"] & (out["tokens"] == eos), axis=1)
     return SampleOutput(tokens_BN=out["tokens"], logprobs_BN=out["logprobs"], mask_BN=out["mask"],
                         lengths_B=out["mask"].sum(axis=1, dtype=jnp.int32), finished_B=finished_B,
@@ -196,7 +196,8 @@ def make_sampler(model: GPT, cfg: SamplingConfig):
     """``sampler(params, prompt_BP, prompt_valid_BP, rng) -> SampleOutput``, jitted with the config static.
 
     The cache is allocated inside the program, so XLA updates it in place across the loop; nothing needs
-    donating. Under a mesh, call it inside ``with mesh, nn.logical_axis_rules(...)`` (the cache is annotated).
+    donating. On a mesh, pass sharded params and batch-sharded prompts; the model annotates the cache with
+    logical axes (batch, cache_length, heads, kv) so it follows the batch/head sharding.
     """
     return jax.jit(functools.partial(sample, model, cfg=cfg))
 

@@ -329,7 +329,7 @@ def read_summary(workdir: str) -> dict | None:
         raise SweepError(f"{path} is not valid JSON ({e}); delete it to rerun that run") from e
 
 
-def _last_exit_codes(root: str) -> dict[str, int]:
+def last_exit_codes(root: str) -> dict[str, int]:
     codes = {}
     path = os.path.join(root, EVENTS_FILE)
     if os.path.exists(path):
@@ -362,16 +362,19 @@ def _log_event(root: str, **event) -> None:
 
 def _format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_local(sweep: Sweep, root: str, command_fn: CommandFn, out: TextIO = sys.stdout) -> dict[str, int]:
+def run_local(sweep: Sweep, root: str, command_fn: CommandFn, out: TextIO | None = None) -> dict[str, int]:
     """Run unfinished runs one after another in subprocesses; return {run name: exit code} of those attempted.
 
     Finished runs (summary.json present) are skipped; others restart in their workdir so the trainer resumes.
     A run that fails does not stop the sweep: the rest still run, and the failure shows in the results table.
     Each run's output is streamed with a ``[i/N]`` prefix and kept in ``<root>/logs/<run>.log``.
     """
+    out = out or sys.stdout
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     total = len(sweep.runs)
     todo = [r for r in sweep.runs if read_summary(workdir_of(root, r)) is None]
@@ -494,7 +497,7 @@ def table_columns(sweep: Sweep) -> list[str]:
 
 def gather(sweep: Sweep, root: str) -> list[dict[str, Any]]:
     """One row per run: its swept values, the summary.json fields (None until finished) and its status."""
-    codes = _last_exit_codes(root)
+    codes = last_exit_codes(root)
     rows = []
     for run in sweep.runs:
         summary = read_summary(workdir_of(root, run)) or {}

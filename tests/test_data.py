@@ -198,7 +198,8 @@ def test_bad_config_errors(tmp_path):
         builders.prepare(text_files_cfg(tmp_path, str(tmp_path / "x.csv")))
     with pytest.raises(DataError, match="data.paths is empty"):
         builders.prepare(text_files_cfg(tmp_path, ""))
-    with pytest.raises(DataError, match=r"data.source='hf' is unknown; choose one of \('text_files', 'shakespeare', 'tfds'\)"):
+    choices = r"\('text_files', 'shakespeare', 'tfds'\)"
+    with pytest.raises(DataError, match=r"data.source='hf' is unknown; choose one of " + choices):
         resolve_data_config({"source": "hf"})
     with pytest.raises(DataError, match=r"unknown data config field 'pathz'; valid fields: \[.*'paths'"):
         resolve_data_config({"pathz": "x"})

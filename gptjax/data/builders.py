@@ -302,9 +302,8 @@ def _prepared_local_builder(cfg: Any, fetch: bool = False) -> tfds.core.DatasetB
 
 
 def tfds_prepare_hint(name: str, data_dir: str) -> str:
-    return (f"prepare it on a machine with internet access with `tfds build {name.split(':')[0].split('/')[0]} "
-            f"--data_dir={data_dir} --file_format={FILE_FORMAT}` (add --config=... for a config) and copy "
-            f"{data_dir} here, or set data.tfds_download=True")
+    return (f"prepare it on a machine with internet access with `tfds build {name} --data_dir={data_dir} "
+            f"--file_format={FILE_FORMAT}` and copy {data_dir} here, or set data.tfds_download=True")
 
 
 def _tfds_prepared_dir(name: str, data_dir: str) -> Path | None:
@@ -331,7 +330,8 @@ def prepare(cfg: Any, fetch: bool = False) -> Path:
     if source == "tfds":
         name, data_dir = _field(cfg, "tfds_name"), data_dir_of(cfg)
         if not name:
-            raise DataError("data.tfds_name is empty: name a TFDS dataset, e.g. 'lm1b', 'c4/en', 'wikipedia/20230601.en'")
+            raise DataError("data.tfds_name is empty: name a TFDS dataset, e.g. 'lm1b', 'c4/en', "
+                            "'wikipedia/20230601.en'")
         if _field(cfg, "tfds_download"):
             builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
             builder.download_and_prepare()
@@ -380,6 +380,9 @@ def load_source(cfg: Any, split: str) -> DocumentSource:
             records = tfds.data_source(name, split=tfds_split, data_dir=data_dir_of(cfg), download=False)
         except NotImplementedError as e:  # prepared as tfrecord: TFDS cannot read it without TensorFlow
             raise DataError(f"TFDS dataset {name!r} in {prepared} is not in the {FILE_FORMAT} format; "
+                            + tfds_prepare_hint(name, data_dir_of(cfg))) from e
+        except AssertionError as e:  # TFDS's "not found in data_dir", e.g. another config/version is there
+            raise DataError(f"TFDS dataset {name!r} is not prepared in data_dir={data_dir_of(cfg)!r} ({e}); "
                             + tfds_prepare_hint(name, data_dir_of(cfg))) from e
         except ValueError as e:  # e.g. unknown split name
             raise DataError(f"TFDS dataset {name!r}: cannot read split {tfds_split!r} "

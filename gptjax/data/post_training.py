@@ -19,6 +19,7 @@ weights on assistant tokens only; rankings give (B, K, T) token/valid arrays plu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -198,8 +199,8 @@ def sft_examples(source: Source, tokenizer, seq_len: int) -> dict[str, np.ndarra
     return pack_conversations(render_sft(source, tokenizer, seq_len), seq_len, tokenizer.pad_id)
 
 
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch])
+def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, stream])  # stream 0: row order, 1: SFT packing order
 
 
 class BatchIterator:
@@ -227,12 +228,13 @@ class BatchIterator:
             examples = self._make_epoch(epoch)
             if self.shuffle:
                 n = len(next(iter(examples.values())))
-                order = _epoch_rng(self.seed, epoch).permutation(n)
+                order = _epoch_rng(self.seed, epoch, 0).permutation(n)
                 examples = {k: v[order] for k, v in examples.items()}
             self._cache = (epoch, examples)
         return self._cache[1]
 
     def batches_per_epoch(self) -> int:
+        """Batches in the current epoch (SFT repacks each epoch, so this may vary by a batch or so)."""
         n = len(next(iter(self._epoch_examples(self._epoch).values())))
         return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
 
@@ -278,7 +280,7 @@ def sft_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, see
     rendered = render_sft(source, tokenizer, seq_len)
 
     def make_epoch(epoch: int) -> dict[str, np.ndarray]:
-        order = _epoch_rng(seed, epoch).permutation(len(rendered)) if shuffle else range(len(rendered))
+        order = _epoch_rng(seed, epoch, 1).permutation(len(rendered)) if shuffle else range(len(rendered))
         return pack_conversations([rendered[i] for i in order], seq_len, tokenizer.pad_id)
 
     empty = {"inputs": np.full(seq_len, tokenizer.pad_id, np.int32),
@@ -383,7 +385,8 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int,
 # TFDS: the JSONL files as an array_record dataset, read back with tfds data sources (no TensorFlow needed)
 
 
-def _make_builder_class():
+@functools.cache
+def _builder_class():
     import tensorflow_datasets as tfds  # heavy import, only when a TFDS dataset is built
 
     class PostTrainingJsonl(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -431,7 +434,7 @@ def build_tfds(kind: str, split_files: Mapping[str, str | os.PathLike], data_dir
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such JSONL file (split {split!r})")
         digest.update(path.read_bytes())
-    builder = _make_builder_class()(split_files={s: str(p) for s, p in split_files.items()},
+    builder = _builder_class()(split_files={s: str(p) for s, p in split_files.items()},
                                     data_dir=str(Path(data_dir) / f"{kind}-{digest.hexdigest()[:16]}"),
                                     config=kind, file_format="array_record")
     builder.download_and_prepare()
