@@ -199,6 +199,9 @@ def ppo_loss(policy_params, value_params, minibatch, rng, *, policy_model: GPT, 
     for the common (params, batch, rng) signature.
     """
     require_keys(minibatch, MINIBATCH_KEYS, "ppo_loss")
+    if cfg.ptx_coef and "ptx" not in minibatch:
+        raise KeyError(f"ppo_loss: ppo.ptx_coef={cfg.ptx_coef} needs a pretraining LM batch under "
+                       f"minibatch['ptx']; set ppo.ptx_coef=0 to turn PPO-ptx off")
     tokens_BT, valid_BT, mask_BT = minibatch["tokens"], minibatch["valid"], minibatch["response_mask"]
     new_logprobs_BT, entropy_BT = sequence_logprobs(policy_params, tokens_BT, valid_BT, model=policy_model,
                                                     temperature=cfg.temperature, loss_chunk=cfg.loss_chunk,
@@ -214,9 +217,6 @@ def ppo_loss(policy_params, value_params, minibatch, rng, *, policy_model: GPT, 
                "value_mean": rl.masked_mean(new_values_BT, mask_BT),
                "return_mean": rl.masked_mean(minibatch["returns"], mask_BT)}
     if cfg.ptx_coef:
-        if "ptx" not in minibatch:
-            raise KeyError(f"ppo_loss: ppo.ptx_coef={cfg.ptx_coef} needs a pretraining LM batch under "
-                           f"minibatch['ptx']; set ppo.ptx_coef=0 to turn PPO-ptx off")
         ptx_loss, _ = lm_loss(policy_params, minibatch["ptx"], rng, model=policy_model, deterministic=True,
                               loss_chunk=cfg.loss_chunk)
         loss = loss + cfg.ptx_coef * ptx_loss

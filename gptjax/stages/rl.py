@@ -128,8 +128,8 @@ class AdaptiveKLController:
 
     def __post_init__(self):
         if self.target <= 0 or self.horizon <= 0:
-            raise ConfigError(f"AdaptiveKLController: target ({self.target}) and horizon ({self.horizon}) must be "
-                              f"positive")
+            raise ConfigError(f"adaptive KL controller: ppo.kl_target={self.target} and "
+                              f"ppo.kl_horizon={self.horizon} must both be positive")
 
     def init(self) -> KLControllerState:
         return KLControllerState(kl_coef=jnp.asarray(self.init_kl_coef, jnp.float32))
