@@ -38,6 +38,9 @@ class SamplingConfig:
     pad_id: int = 0  # emitted in place of tokens after a row's EOS
     cache_dtype: str | None = None  # KV-cache storage dtype; None = the model's compute dtype
     return_logits: bool = False  # also return the fp32 logits of every step (B, N, V): tests/analysis only
+    # Ids >= this are never sampled: the model's vocabulary is padded (to a multiple of 128) beyond the
+    # tokenizer's, and those rows of the embedding are never trained. None = every id of the model.
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -93,6 +96,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
 def _choose(logits_BV: Array, key: Array | None, cfg: SamplingConfig) -> tuple[Array, Array]:
     """One token per row and its log-prob (see SampleOutput); all filtering in fp32."""
     logits_BV = logits_BV.astype(jnp.float32)
+    if cfg.vocab_size is not None:
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size, logits_BV, -jnp.inf)
     if cfg.temperature == 0:
         token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)

@@ -1,0 +1,115 @@
+"""The built-in end-to-end demo: the seed world through all four stages on a CPU (``make demo``).
+
+    python -m experiments.chatgpt --workdir=workdirs/demo [--config=configs/chatgpt.py:demo] [--seeds=0,1,2]
+
+Sections: ``world`` (gptjax/data/seed_world.py SeedWorldConfig fields), one full stage config per stage
+(``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
+by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
+Presets: ``demo`` (the README's numbers, ~15 minutes on 2 CPU cores) and ``smoke`` (seconds, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from configs import pretrain, ppo, reward, sft
+from gptjax.data.seed_world import SeedWorldConfig
+
+
+def _world() -> ml_collections.ConfigDict:
+    fields = {f.name: f.default for f in dataclasses.fields(SeedWorldConfig) if f.name != "seed"}
+    return ml_collections.ConfigDict(fields)
+
+
+def _model(c, layers: int, d_model: int, heads: int, max_len: int):
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.max_len = layers, d_model, heads, max_len
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+    if preset not in ("demo", "smoke"):
+        raise ValueError(f"unknown chatgpt config {preset!r}; choose 'demo' or 'smoke'")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
+    c.world = _world()
+
+    p = pretrain.base_config("tiny")
+    p.tokenizer.kind = "bytes"  # any language byte-for-byte: the seed world is Chinese and English
+    p.data.source = "text_files"
+    p.data.text_field = "text"
+    p.data.val_fraction = 0.01
+    _model(p, 4, 128, 4, 512)
+    p.train.seq_len = 128
+    p.train.batch_size = 32
+    p.train.steps = 2000
+    p.optim.lr = 3e-3
+    p.optim.warmup_steps = 100
+    p.train.log_every = 100
+    p.train.eval_every = 1000
+    p.train.eval_batches = 4
+    p.train.ckpt_every = 1000
+    p.train.sample_prompts = ("問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
+    p.train.sample_max_new_tokens = 40
+    c.pretrain = p
+
+    s = sft.get_config()
+    s.train.seq_len = 512  # the longest multi-turn dialogues are ~500 bytes
+    s.train.batch_size = 8
+    s.train.steps = 150
+    s.optim.lr = 1e-3
+    s.train.log_every = 25
+    s.train.eval_every = 150
+    s.train.ckpt_every = 150
+    s.train.sample_max_new_tokens = 48
+    c.sft = s
+
+    r = reward.get_config()
+    r.train.seq_len = 128
+    r.train.batch_size = 16
+    r.train.steps = 200
+    r.optim.lr = 3e-4
+    r.optim.warmup_steps = 10
+    r.train.log_every = 25
+    r.train.eval_every = 100
+    r.train.ckpt_every = 200
+    c.reward = r
+
+    o = ppo.get_config()
+    o.ppo.rollout_batch_size = 64
+    o.ppo.minibatch_size = 16
+    o.ppo.ppo_epochs = 4
+    o.ppo.kl_coef = 0.05
+    o.sampling.max_prompt_len = 64
+    o.sampling.max_new_tokens = 64
+    o.optim.lr = 3e-5
+    o.train.steps = 100
+    o.train.log_every = 10
+    o.train.eval_every = 1000
+    o.train.ckpt_every = 50
+    c.ppo = o
+
+    c.labels = ml_collections.ConfigDict()
+    c.labels.k = 4  # answers sampled per RM prompt and ranked by the labeler (InstructGPT: K = 4..9)
+    c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 64  # answer budget when asking the held-out questions
+
+    if preset == "smoke":
+        c.world.num_pretrain_docs = 2000
+        c.world.num_sft_demos = 64
+        c.world.num_sft_eval_demos = 16
+        c.world.num_dialogues = 8
+        c.world.num_rm_prompts = 32
+        c.world.num_ppo_prompts = 32
+        _model(p, 2, 32, 2, 512)
+        p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
+        p.optim.warmup_steps = 2
+        s.train.steps, s.train.batch_size, s.train.eval_every, s.train.ckpt_every = 6, 8, 6, 6
+        r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 2, 6, 6
+        c.world.num_rm_prompts = 64
+        r.optim.warmup_steps = 1
+        o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 8, 4, 1
+        o.sampling.max_new_tokens = 16
+        c.eval.max_new_tokens = 16
+    return c

@@ -1,0 +1,48 @@
+"""The seed-world pipeline: pretrain → SFT → label → reward model → PPO, then the gold table.
+
+    python -m experiments.chatgpt --workdir=workdirs/demo                  # one seed (make demo)
+    python -m experiments.chatgpt --workdir=workdirs/seeds --seeds=0,1,2   # per-seed and mean table (README)
+
+Each seed runs in WORKDIR/seed<N>/ (stages in their own workdirs; re-running resumes). With several seeds the
+mean and per-seed values are written to WORKDIR/summary.md and WORKDIR/summary.json.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gptjax.train import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Run these seeds (default: config.seed).")
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [int(cfg.seed)]
+    all_results = []
+    for seed in seeds:
+        seed_cfg = cfg.copy_and_resolve_references()
+        seed_cfg.seed = seed
+        workdir = _WORKDIR.value if len(seeds) == 1 else os.path.join(_WORKDIR.value, f"seed{seed}")
+        results = pipeline.run_pipeline(seed_cfg, workdir)
+        print(f"\n=== seed {seed} ({results['timings_s']['total']:.0f} s) ===")
+        print(pipeline.format_table(results))
+        all_results.append(results)
+    if len(seeds) > 1:
+        summary = pipeline.summarize_seeds(all_results)
+        with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+        table = pipeline.format_seed_summary(summary)
+        with open(os.path.join(_WORKDIR.value, "summary.md"), "w") as f:
+            f.write(table + "\n")
+        print("\n" + table)
+
+
+if __name__ == "__main__":
+    app.run(main)
