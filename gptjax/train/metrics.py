@@ -27,12 +27,15 @@ TB_DIR = "tb"
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``WORKDIR/metrics.jsonl`` in order (empty if none)."""
+    """All complete records of ``WORKDIR/metrics.jsonl`` in order (empty if none).
+
+    A last line without its newline is the record a killed process was writing: it is skipped.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 class MetricsWriter:

@@ -42,7 +42,7 @@ def lr_schedule(peak_lr: float, *, warmup_steps: int, decay_steps: int,
         warm = peak_lr * (count + 1.0) / max(warmup_steps, 1)
         progress = jnp.clip((count - warmup_steps) / cosine_steps, 0.0, 1.0)
         cosine = final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(count < warmup_steps, warm, cosine)
+        return jnp.where(count < warmup_steps, warm, jnp.where(count >= decay_steps, final_lr, cosine))
 
     return schedule
 
@@ -106,9 +106,9 @@ class BatchRamp:
 
     The target grows linearly from ``start_tokens`` to the full batch over the first ``ramp_tokens`` tokens
     and is rounded (half up) to a multiple of the microbatch, at least one microbatch. The trainer realises it
-    by running that many gradient-accumulation microbatches per step (one compiled program per distinct
-    count, at most ``full_batch / micro_batch`` of them), so no compute is spent on masked-out rows and the
-    data iterator is advanced by exactly the rows used. ``start_tokens = 0`` switches the ramp off.
+    by running that many gradient-accumulation microbatches per step (a dynamic loop count in one compiled
+    program), so no compute is spent on unused rows and the data iterator is advanced by exactly the rows
+    used. ``start_tokens = 0`` switches the ramp off.
     The microbatch is a multiple of the data-parallel size, so every step's batch is too.
     """
 

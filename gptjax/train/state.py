@@ -78,15 +78,12 @@ def create_sharded_state(init_params_fn, tx, shardings: TrainState, mesh: Mesh, 
     def init(init_rng, state_rng):
         return new_state(nn.unbox(init_params_fn(init_rng)), tx, state_rng)
 
-    # Only the mesh, not the logical rules: with rules active, flax's DenseGeneral init applies the 4-D
-    # (embed, qkv, heads, kv) constraint to its flat 2-D kernel and fails. out_shardings alone places every
-    # parameter, so nothing is materialised whole.
-    with jax.set_mesh(mesh):
+    with sharding_lib.activate(mesh):
         return jax.jit(init, out_shardings=shardings)(init_rng, state_rng)
 
 
 def state_with_params(params, tx, shardings: TrainState, mesh: Mesh, rng_key) -> TrainState:
     """A fresh state (step 0, new optimizer state) around given (already sharded) params: ``init_from``."""
     _, state_rng = jax.random.split(rng_key)
-    with jax.set_mesh(mesh):
+    with sharding_lib.activate(mesh):
         return jax.jit(lambda p, k: new_state(p, tx, k), out_shardings=shardings)(params, state_rng)

@@ -1,0 +1,96 @@
+"""Config sections shared by every stage (model, tokenizer, optim, train, mesh), each field documented here.
+
+Stage configs (``configs/pretrain.py`` …) assemble these and set stage-specific values. Every field can be
+overridden on the command line, e.g. ``--config.optim.lr=3e-4 --config.model.dtype=bfloat16``; an unknown
+field is an error. ``None`` fields (placeholders) mean "take the model preset's / the derived value".
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """A ``gptjax.presets`` preset plus per-field overrides of its GPTConfig (None = the preset's value)."""
+    m = ml_collections.ConfigDict()
+    m.preset = preset  # model preset name (gptjax.presets.PRESETS): gpt2-small, gpt3-xl, tiny, ...
+    m.vocab_size = placeholder(int)  # None: the tokenizer's vocabulary rounded up to a multiple of 128
+    m.max_len = placeholder(int)  # context length (learned positions); must be >= train.seq_len
+    m.num_layers = placeholder(int)
+    m.d_model = placeholder(int)  # residual width
+    m.num_heads = placeholder(int)
+    m.d_head = placeholder(int)  # None: d_model // num_heads
+    m.d_ff = placeholder(int)  # MLP width; None: 4 * d_model
+    m.dropout_embed = placeholder(float)  # dropout on token+position embeddings
+    m.dropout_resid = placeholder(float)  # dropout on each residual branch
+    m.dropout_attn = placeholder(float)  # dropout on attention probabilities (forces the slow XLA attention)
+    m.post_ln = placeholder(bool)  # GPT-1 post-LayerNorm blocks
+    m.attention_pattern = placeholder(str)  # comma-separated cycle of "dense"/"local", e.g. "dense,local"
+    m.local_window = placeholder(int)  # band width of "local" layers
+    m.attention_impl = placeholder(str)  # auto | xla | cudnn
+    m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16 | float16 (logits/loss stay float32)
+    m.param_dtype = placeholder(str)  # parameter / optimizer master-copy dtype
+    m.scan_layers = placeholder(bool)  # nn.scan over layers: compile time independent of depth
+    m.remat = placeholder(str)  # none | full | save_dots | save_dots_no_batch
+    m.init_std = placeholder(float)
+    m.tie_embeddings = placeholder(bool)
+    return m
+
+
+def tokenizer_config(kind: str = "gpt2", path: str = "") -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.kind = kind  # bytes | gpt2 | sentencepiece (gptjax.tokenizers.make_tokenizer)
+    t.path = path  # tokenizer file; "" = the default (gpt2: the fetched asset; bytes: none)
+    return t
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    """AdamW with the GPT-3 recipe (Brown et al. 2020, App. B); see gptjax/train/optim.py."""
+    o = ml_collections.ConfigDict()
+    o.lr = 6e-4  # peak learning rate
+    o.warmup_steps = 0  # linear warmup from ~0 to lr over this many updates
+    o.decay_steps = 0  # cosine decay ends here (then stays at the final lr); 0 = train.steps
+    o.final_lr_fraction = 0.1  # final lr = final_lr_fraction * lr (GPT-3: 10%)
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1  # decoupled (AdamW); applies to kernels and embeddings, not biases/LayerNorm
+    o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    o.grad_accum_steps = 1  # microbatches per step: microbatch = train.batch_size / grad_accum_steps
+    # GPT-3 batch ramp: the batch grows linearly from ramp_start_tokens to train.batch_size over the first
+    # ramp_tokens tokens, in whole microbatches. 0 = off.
+    o.ramp_start_tokens = 0
+    o.ramp_tokens = 0
+    return o
+
+
+def train_config() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.seed = 0  # parameter init, dropout and data order
+    t.batch_size = 8  # global sequences per optimizer step (all devices, all microbatches)
+    t.seq_len = 128  # tokens per sequence
+    t.steps = 1000  # optimizer steps in the whole run
+    t.log_every = 10  # steps between progress lines / metrics records
+    t.eval_every = 200  # steps between evaluations (0 = only at the end)
+    t.eval_batches = 8  # validation batches per evaluation (the same ones each time)
+    t.eval_batch_size = 0  # sequences per validation batch; 0 = the training microbatch
+    t.ckpt_every = 200  # steps between checkpoints (one is always written at the end)
+    t.keep_ckpts = 3  # most recent checkpoints kept (0 = all)
+    t.sample_every = 0  # steps between sample generations (0 = only at the end)
+    t.sample_prompts = ("",)  # prompts for sample generations ("" = start of a fresh document)
+    t.sample_max_new_tokens = 64
+    t.sample_temperature = 0.8  # 0 = greedy
+    t.max_consecutive_bad_steps = 10  # stop after this many non-finite (skipped) steps in a row
+    t.loss_chunk = 0  # positions per chunk of the vocabulary projection in the loss (0 = whole; saves memory)
+    t.init_from = ""  # start from the params of another run: its workdir, checkpoints/ dir or a step dir
+    t.init_from_fresh = ()  # '/'-joined param prefixes NOT taken from init_from (e.g. ("score",))
+    t.allow_config_change = False  # resume a workdir whose stored config differs (else refused)
+    t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = from gptjax.flops.PEAK_FLOPS (n/a on CPU)
+    return t
+
+
+def mesh_config(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.shape = tuple(shape)  # (data, fsdp, tensor) device mesh; one -1 is filled with the remaining devices
+    return m

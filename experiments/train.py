@@ -1,0 +1,109 @@
+"""Train one stage from a config: ``python -m experiments.train --config=configs/pretrain.py:<preset> --workdir=DIR``.
+
+Any config field can be overridden (``--config.optim.lr=3e-4``). Re-running the same command resumes from the
+workdir's last checkpoint. ``config.stage`` picks the stage runner in ``gptjax.train.runners.STAGES``, which
+turns the config into a model, an objective and data iterators for the shared training loop.
+Bad input ends in one error line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gptjax.assets import AssetMissingError
+from gptjax.data.builders import DataError
+from gptjax.model import ConfigError
+from gptjax.train import loop, runners, workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics. Resumed if it exists.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose stored config differs (sets train.allow_config_change).")
+
+# Errors that mean "the input is wrong": reported as one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, AssetMissingError, loop.TrainingStopped)
+
+
+# Libraries whose INFO records (orbax logs every file of every save) would bury the progress lines.
+QUIET_LIBRARIES = ("/orbax/", "/tensorstore/", "/grain/", "/tensorflow_datasets/")
+
+
+class _QuietLibraries(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
+
+
+def _unknown_override(argv) -> str | None:
+    """For an override of a config field that does not exist, one message naming it and the valid fields."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_config_for_error", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        keys = a[len("--config."):].split("=", 1)[0].split(".")
+        node, seen = cfg, []
+        for k in keys:
+            if not hasattr(node, "keys") or k not in node:
+                where = "config." + ".".join(seen) if seen else "config"
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (f"error: {a.split('=', 1)[0]}: {where} has no field {k!r}; valid fields: {valid}")
+            node, seen = node[k], seen + [k]
+    return None
+
+
+def _parse_flags(argv):
+    """absl flag parsing with one-line errors (config_flags raises a bare AttributeError for unknown fields)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        message = lines[0] if "Traceback" not in str(e) else f"{lines[0]} {lines[-1]}"
+        sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:
+        sys.exit(_unknown_override(argv) or f"error: bad --config override: {e}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cfg, workdir = _CONFIG.value, _WORKDIR.value
+    if _ALLOW_CONFIG_CHANGE.value:
+        cfg.train.allow_config_change = True
+    try:
+        if cfg.stage not in runners.STAGES:
+            raise ConfigError(f"config.stage={cfg.stage!r} is unknown; valid stages: {sorted(runners.STAGES)}")
+        # Refuse a workdir of another config before spending time on data; the loop checks again and writes.
+        workdir_lib.check_or_write_config(workdir, cfg, allow_change=bool(cfg.train.allow_config_change),
+                                          write=False)
+        result = runners.STAGES[cfg.stage](cfg, workdir)
+    except USER_ERRORS as e:
+        logging.flush()
+        sys.exit(f"error: {e}")
+    eval_metrics = getattr(result, "eval_metrics", None)
+    if eval_metrics and "eval/loss" in eval_metrics:
+        print(f"step {result.step}: validation loss {eval_metrics['eval/loss']:.4f} "
+              f"(perplexity {eval_metrics.get('eval/perplexity', float('nan')):.2f})")
+    else:
+        final = getattr(result, "train_metrics", None) or getattr(result, "metrics", None) or {}
+        print(f"step {result.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()
+                                                   if isinstance(v, (int, float))))
+    for text in getattr(result, "samples", None) or []:
+        print(f"sample: {text!r}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=_parse_flags)

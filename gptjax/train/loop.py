@@ -1,0 +1,493 @@
+"""The one training loop shared by pretraining, SFT and the reward model (PPO reuses its pieces).
+
+Per step: the host takes a prefetched, already-sharded stack of accumulation microbatches
+(``(A, micro, ...)``, A = optim.grad_accum_steps) and dispatches one jitted step that loops over the first
+``k`` of them (``k = A``, or fewer while the GPT-3 batch ramp is on — same program, no recompiles),
+averages gradients weighted by each microbatch's token count (so accumulation equals one big batch), clips,
+and applies AdamW — or, if the loss or gradient norm is not finite, keeps params and optimizer state
+unchanged and counts the step as skipped. The state is donated, so it is updated in place.
+
+The host never waits for the device inside the loop: step metrics stay on the device until a log step,
+where the host reads the *previous* log interval's metrics (long finished by then), so the device always
+has the next interval queued. The NaN-guard counter is checked then too. Evaluation, samples and
+checkpoints (async; only the device-to-host copy blocks) happen at their own intervals.
+
+``loss_fn(params, batch, rng, deterministic) -> (loss, metrics)``: a scalar mean loss over the batch and a
+dict of scalars; ``metrics["num_tokens"]`` (if present) weights the batch in accumulation and evaluation.
+Metrics named ``num_*`` are summed over microbatches/batches, the others averaged with those weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gptjax import flops as flops_lib
+from gptjax import sharding as sharding_lib
+from gptjax.model import ConfigError, GPTConfig, count_params
+from gptjax.train import checkpoint as ckpt_lib
+from gptjax.train import metrics as metrics_lib
+from gptjax.train import state as state_lib
+from gptjax.train import workdir as workdir_lib
+from gptjax.train.optim import BatchRamp, make_optimizer
+
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+def mesh_context(mesh):
+    """The context jitted steps are traced and run in: the mesh plus the logical-axis rules, so the model's
+    activation constraints (``nn.with_logical_constraint``) apply."""
+    return sharding_lib.activate(mesh)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps completed
+    train_metrics: dict  # last logged train metrics
+    eval_metrics: dict  # last evaluation (empty without an eval iterator)
+    samples: list[str]  # last sample generations (empty without sample_fn)
+    workdir: str
+    state: Any = None  # the final TrainState (sharded on the mesh)
+
+
+# --- the jitted steps -------------------------------------------------------------------------------------------
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, param_shardings):
+    """(state, batch (A, B, ...) of A stacked microbatches, num_micro) -> (new state, metrics). Pure; jit it.
+
+    Only the first ``num_micro`` (a traced int32 <= A) microbatches are used: the batch ramp changes it from
+    step to step without recompiling (the unused slots are padding that is never read). Gradients and
+    metrics are weighted by each microbatch's ``num_tokens``, so accumulation equals one big batch.
+    """
+
+    def grads_of(params, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, deterministic=False)
+        weight = jnp.asarray(metrics.get("num_tokens", 1.0), jnp.float32)
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items() if k != "loss"}
+        return jnp.asarray(loss, jnp.float32), metrics, weight, grads
+
+    def weighted(loss, metrics, weight):
+        """Sums that combine over microbatches: loss·w, w, metric·w (``num_*`` metrics as they are)."""
+        return (loss * weight, weight, {k: v if k.startswith("num_") else v * weight for k, v in metrics.items()})
+
+    def step(state: state_lib.TrainState, batch, num_micro):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def micro_at(i):
+            return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batch)
+
+        if jax.tree.leaves(batch)[0].shape[0] == 1:
+            loss, metrics, weight, grads = grads_of(state.params, micro_at(0), jax.random.fold_in(step_rng, 0))
+            sums = weighted(loss, metrics, weight)
+        else:
+            def body(i, carry):
+                grad_sum, sums = carry
+                loss, metrics, weight, grads = grads_of(state.params, micro_at(i), jax.random.fold_in(step_rng, i))
+                grad_sum = jax.tree.map(lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
+                return grad_sum, jax.tree.map(jnp.add, sums, weighted(loss, metrics, weight))
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+            sums_shape = jax.eval_shape(lambda: weighted(*grads_of(state.params, micro_at(0), step_rng)[:3]))
+            init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+            grad_sum, sums = jax.lax.fori_loop(0, num_micro, body, init)
+            total = jnp.maximum(sums[1], 1e-12)
+            grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grad_sum, state.params)
+        loss_w, weight, metric_sums = sums
+        total = jnp.maximum(weight, 1e-12)
+        loss = loss_w / total
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        bad = (~finite).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng),
+                                  consecutive_bad=jnp.where(finite, 0, state.consecutive_bad + 1),
+                                  total_bad=state.total_bad + bad)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.updates_applied),
+                   "skipped": bad, "consecutive_bad": new_state.consecutive_bad,
+                   **{k: v if k.startswith("num_") else v / total for k, v in metric_sums.items()}}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: LossFn):
+    """(params, batch) -> (loss·weight, weight, {metric·weight or num_* sums}): sums over batches stay exact."""
+
+    def step(params, batch):
+        loss, metrics = loss_fn(params, batch, jax.random.key(0), deterministic=True)
+        weight = jnp.asarray(metrics.get("num_tokens", 1.0), jnp.float32)
+        sums = {k: jnp.asarray(v, jnp.float32) * (1.0 if k.startswith("num_") else weight)
+                for k, v in metrics.items() if k != "loss"}
+        return jnp.asarray(loss, jnp.float32) * weight, weight, sums
+
+    return step
+
+
+# --- input: prefetch to device ----------------------------------------------------------------------------------
+
+class DevicePrefetcher:
+    """Background thread: pulls ``k`` microbatches per step, stacks them, puts them on the mesh, and records
+    the iterator state *after* them (what a checkpoint taken after that step must store)."""
+
+    _DONE = object()
+
+    def __init__(self, it: Iterator, microbatches_at: Callable[[int], int], max_microbatches: int, start_step: int,
+                 end_step: int, sharding: NamedSharding, size: int = 2):
+        self._it, self._micro_at, self._max, self._sharding = it, microbatches_at, max_microbatches, sharding
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start_step, end_step), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, start: int, end: int):
+        try:
+            for step in range(start, end):
+                try:
+                    rows = [next(self._it) for _ in range(self._micro_at(step))]
+                except StopIteration:
+                    break
+                # Always max_microbatches slots (one program for every ramp size); unused slots are zeros
+                # the step never reads.
+                pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (self._max - len(rows))
+                stacked = {k: np.stack([np.asarray(r[k]) for r in rows + pad]) for k in rows[0]}
+                data_state = self._it.get_state() if hasattr(self._it, "get_state") else None
+                arrays = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in stacked.items()}
+                if not self._put((step, arrays, data_state, len(rows))):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # surfaced in the main thread by __next__
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _EvalSource:
+    """The same ``n`` evaluation batches every time: a factory is called afresh; an iterator with
+    get_state/set_state is rewound to where it started; a plain iterator is read onward (logged)."""
+
+    def __init__(self, source):
+        self._source = source
+        self._start = source.get_state() if hasattr(source, "get_state") and not callable(source) else None
+        if not callable(source) and self._start is None:
+            logging.warning("eval iterator has no get_state/set_state: each evaluation reads new batches")
+
+    def batches(self, n: int):
+        if callable(self._source):
+            it = self._source()
+        else:
+            it = self._source
+            if self._start is not None:
+                it.set_state(self._start)
+        for _ in range(n):
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+
+
+# --- metrics, evaluation, start-up --------------------------------------------------------------------------
+
+class _Reporter:
+    """Turns per-step device metrics into log records one log interval late, so the host never waits for the
+    device: at a log step it starts the device-to-host copies of this interval and reports the previous one
+    (finished long ago). Checks the NaN guard's counter while doing so."""
+
+    def __init__(self, writer: metrics_lib.MetricsWriter, train_cfg, *, flops_per_token: float | None,
+                 peak_flops_total: float | None, latest_checkpoint: Callable[[], int | None]):
+        self._writer, self._t = writer, train_cfg
+        self._flops, self._peak, self._latest_ckpt = flops_per_token, peak_flops_total, latest_checkpoint
+        self._pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens) of the open interval
+        self._queued: list[tuple[int, dict, int]] = []  # the closed interval waiting to be reported
+        self._last_time = time.time()
+        self.last: dict[str, float] = {}  # the last reported train scalars
+
+    def add(self, step: int, metrics: dict, tokens: int) -> None:
+        self._pending.append((step, metrics, tokens))
+        if step % int(self._t.log_every) == 0 or step == int(self._t.steps):
+            for x in jax.tree.leaves([m for _, m, _ in self._pending]):
+                x.copy_to_host_async()
+            if self._queued:
+                self._report(self._queued, final=False)
+            self._queued, self._pending = self._pending, []
+
+    def finish(self) -> None:
+        entries, self._queued, self._pending = self._queued + self._pending, [], []
+        if entries:
+            self._report(entries, final=True)
+
+    def _report(self, entries, final: bool) -> None:
+        t = self._t
+        values = jax.device_get([m for _, m, _ in entries])
+        end_step, tokens = entries[-1][0], sum(n for _, _, n in entries)
+        now = time.time()
+        elapsed, self._last_time = max(now - self._last_time, 1e-9), now
+        good = [v for v in values if not v["skipped"]]  # a skipped step's NaN loss would poison the means
+        scalars = {f"train/{k}": float(np.mean([v[k] for v in good])) if good else float("nan")
+                   for k in values[-1] if k not in ("skipped", "lr", "consecutive_bad") and not k.startswith("num_")}
+        scalars.update({f"train/{k}": float(sum(v[k] for v in values)) for k in values[-1] if k.startswith("num_")})
+        scalars["train/lr"] = float(values[-1]["lr"])
+        scalars["train/skipped_steps"] = float(sum(v["skipped"] for v in values))
+        scalars["perf/tokens_per_s"] = tokens / elapsed
+        scalars["perf/batch_size"] = tokens / len(entries) / int(t.seq_len)
+        util = flops_lib.mfu(tokens / elapsed, self._flops, self._peak) if self._flops else None
+        if util is not None:
+            scalars["perf/mfu"] = util
+        self._writer.write_scalars(end_step, scalars)
+        logging.info(metrics_lib.format_progress(
+            end_step, int(t.steps), loss=scalars["train/loss"], tokens_per_s=tokens / elapsed, mfu=util,
+            eta_s=None if final else (int(t.steps) - end_step) * elapsed / len(entries),
+            extra={"lr": scalars["train/lr"], "gnorm": scalars.get("train/grad_norm", float("nan"))}))
+        self.last = scalars
+        bad = int(values[-1]["consecutive_bad"])
+        if bad >= int(t.max_consecutive_bad_steps):
+            raise TrainingStopped(
+                f"stopping at step {end_step}: {bad} consecutive steps had a non-finite loss or gradient norm "
+                f"(limit train.max_consecutive_bad_steps={t.max_consecutive_bad_steps}); those updates were "
+                f"skipped, so parameters are those of the last good step. The last checkpoint is step "
+                f"{self._latest_ckpt()}. Lower optim.lr, check the data, or compute in float32 (model.dtype).")
+
+
+def _evaluate(eval_step, evaluator: _EvalSource, params, mesh, num_batches: int) -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and metrics over the same ``num_batches`` batches."""
+    sums = None
+    with mesh_context(mesh):
+        for batch in evaluator.batches(num_batches):
+            arrays = {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, np.ndim(v)),
+                                                                 np.asarray(v)) for k, v in batch.items()}
+            out = eval_step(params, arrays)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+        raise ConfigError("the eval iterator yielded no batches (check the validation split)")
+    loss_w, weight, rest = jax.device_get(sums)
+    weight = max(float(weight), 1e-12)
+    result = {"eval/loss": float(loss_w) / weight}
+    result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
+    result.update({f"eval/{k}": float(v) if k.startswith("num_") else float(v) / weight for k, v in rest.items()})
+    return result
+
+
+def _check_train_config(t, optim_cfg, mesh) -> int:
+    """The microbatch size, after checking the batch fields against each other and the mesh."""
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps must be positive, got {t.steps}")
+    if t.batch_size % optim_cfg.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps="
+                          f"{optim_cfg.grad_accum_steps}; the microbatch is batch_size / grad_accum_steps")
+    micro = t.batch_size // optim_cfg.grad_accum_steps
+    sharding_lib.check_batch_divisible(t.batch_size, mesh, field="train.batch_size")
+    sharding_lib.check_batch_divisible(micro, mesh, field="train.batch_size / optim.grad_accum_steps (microbatch)")
+    for name in ("log_every", "ckpt_every"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    return micro
+
+
+def _restore_or_init(ckpt: ckpt_lib.Checkpointer, t, *, abstract, init_params_fn, tx, shardings, mesh, rng,
+                     train_iter, extra_ckpt_items) -> state_lib.TrainState:
+    """The latest checkpoint of the workdir (with data position and extras), else a fresh or init_from state."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        restored = ckpt.restore(latest, abstract)
+        if restored.data_state is not None:
+            if not hasattr(train_iter, "set_state"):
+                raise ConfigError("the train iterator has no set_state(): cannot resume the data position")
+            train_iter.set_state(restored.data_state)
+        else:
+            logging.warning("checkpoint %d has no data-iterator state: data restarts from the beginning", latest)
+        for name, (_, set_fn) in extra_ckpt_items.items():
+            if name in restored.extras:
+                set_fn(restored.extras[name])
+        logging.info("resumed from %s/%d", ckpt.directory, latest)
+        return restored.state
+    state = state_lib.create_sharded_state(init_params_fn, tx, shardings, mesh, rng)
+    if t.init_from:
+        loaded = ckpt_lib.load_params(t.init_from, abstract.params, keep_fresh=tuple(t.init_from_fresh))
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, fresh: loaded.get(tuple(str(getattr(k, "key", k)) for k in path), fresh), state.params)
+        state = state_lib.state_with_params(params, tx, shardings, mesh, rng)
+    return state
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_iter: Iterator,
+                 init_params_fn: Callable | None = None, eval_iter=None,
+                 sample_fn: Callable[[Any], list[str]] | None = None, mesh=None,
+                 extra_ckpt_items: Mapping[str, tuple[Callable[[], Any], Callable[[Any], None]]] | None = None,
+                 flops_per_token: float | None = None) -> TrainResult:
+    """Train (or resume) in ``workdir`` per ``cfg`` (sections ``train``, ``optim``, ``mesh``).
+
+    ``train_iter`` yields *microbatches* of ``train.batch_size / optim.grad_accum_steps`` rows (this process's
+    share of them) as dicts of numpy arrays, and should have ``get_state``/``set_state`` for exact resume.
+    ``eval_iter``: a factory of fresh iterators, or an iterator with get/set_state (rewound each time).
+    ``init_params_fn(rng) -> boxed params`` (default: ``model.init`` on a dummy batch).
+    ``sample_fn(params) -> [str]`` makes sample generations. ``extra_ckpt_items``: name -> (get, set) of
+    JSON-able state saved with each checkpoint and given back on resume. ``flops_per_token`` for MFU
+    (default: gptjax.flops of ``model.cfg``).
+    """
+    t = cfg.train
+    steps = int(t.steps)
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    allow_change = bool(t.allow_config_change)
+    # A workdir holding another config is refused before anything in it is touched ...
+    workdir_lib.check_or_write_config(workdir, cfg, allow_change=allow_change, write=False)
+    # ... and the config is validated (no allocation) before it is recorded, so a bad one never claims it.
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh(tuple(cfg.mesh.shape))
+    micro = _check_train_config(t, cfg.optim, mesh)
+    ramp = BatchRamp(t.batch_size, micro, t.seq_len, int(cfg.optim.ramp_start_tokens), int(cfg.optim.ramp_tokens))
+    rng = jax.random.key(t.seed)
+    init_params_fn = init_params_fn or state_lib.default_init_params_fn(model, t.seq_len)
+    boxed = state_lib.abstract_boxed_params(init_params_fn, rng)
+    tx, schedule = make_optimizer(cfg.optim, steps, nn.unbox(boxed))
+    shardings = state_lib.state_shardings(boxed, tx, mesh)
+    abstract = state_lib.abstract_state(boxed, tx, shardings, rng)
+    config_dict = workdir_lib.config_to_dict(cfg)
+    extra_ckpt_items = dict(extra_ckpt_items or {})
+    if flops_per_token is None and isinstance(getattr(model, "cfg", None), GPTConfig):
+        flops_per_token = flops_lib.flops_per_token(model.cfg, t.seq_len)
+    peak = float(t.peak_flops) or flops_lib.device_peak_flops()
+
+    workdir_lib.check_or_write_config(workdir, cfg, allow_change=allow_change, write=primary)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_ckpts))
+    writer = prefetch = None
+    try:
+        state = _restore_or_init(ckpt, t, abstract=abstract, init_params_fn=init_params_fn, tx=tx,
+                                 shardings=shardings, mesh=mesh, rng=rng, train_iter=train_iter,
+                                 extra_ckpt_items=extra_ckpt_items)
+        start_step = int(jax.device_get(state.step))
+        if primary:
+            _write_run_info(workdir, cfg, model, mesh, start_step)
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=primary)
+        reporter = _Reporter(writer, t, flops_per_token=flops_per_token,
+                             peak_flops_total=peak * jax.device_count() if peak else None,
+                             latest_checkpoint=ckpt.latest_step)
+
+        batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))  # (microbatch slot, batch, ...)
+        train_step = jax.jit(make_train_step(loss_fn, tx, schedule, shardings.params),
+                             in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
+                             donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(loss_fn),
+                            in_shardings=(shardings.params, sharding_lib.batch_sharding(mesh, 1)))
+        evaluator = _EvalSource(eval_iter) if eval_iter is not None else None
+        eval_result, sample_texts = {}, []
+
+        def evaluate(step):
+            result = _evaluate(eval_step, evaluator, state.params, mesh, int(t.eval_batches))
+            writer.write_scalars(step, result)
+            logging.info("eval @ step %d: %s", step, _fmt(result))
+            return result
+
+        def samples(step):
+            texts = list(sample_fn(state.params))
+            writer.write_texts(step, {f"samples/{i}": s for i, s in enumerate(texts)})
+            for i, s in enumerate(texts):
+                logging.info("sample %d @ step %d: %r", i, step, s)
+            return texts
+
+        def save(step, data_state):
+            extras = {name: get_fn() for name, (get_fn, _) in extra_ckpt_items.items()}
+            ckpt.save(step, state, data_state=data_state, config=config_dict, extras=extras)
+
+        def due(every, step):
+            return every > 0 and step % int(every) == 0 and step != steps
+
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+        prefetch = DevicePrefetcher(train_iter, ramp.microbatches_at, ramp.max_microbatches, start_step, steps,
+                                    batch_sharding)
+        step = start_step
+        for step_index, batch, data_state, num_micro in prefetch:
+            with mesh_context(mesh):
+                state, step_metrics = train_step(state, batch, np.int32(num_micro))
+            step = step_index + 1
+            reporter.add(step, step_metrics, num_micro * micro * int(t.seq_len))
+            if evaluator is not None and due(t.eval_every, step):
+                eval_result = evaluate(step)
+            if sample_fn is not None and due(t.sample_every, step):
+                sample_texts = samples(step)
+            if step % int(t.ckpt_every) == 0 or step == steps:
+                save(step, data_state)  # data_state: the iterator right after this step's batch
+        reporter.finish()
+        if step < steps:
+            logging.warning("the training data ran out after step %d of %d", step, steps)
+            if step > start_step and step % int(t.ckpt_every):
+                save(step, data_state)
+        if evaluator is not None:
+            eval_result = evaluate(step)
+        if sample_fn is not None:
+            sample_texts = samples(step)
+        return TrainResult(step=step, train_metrics=reporter.last, eval_metrics=eval_result,
+                           samples=sample_texts, workdir=workdir, state=state)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+        ckpt.close()  # waits for an async save in flight: a finished checkpoint is never thrown away
+        if writer is not None:
+            writer.close()
+
+
+def _fmt(d: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in d.items())
+
+
+def _write_run_info(workdir: str, cfg, model, mesh, start_step: int) -> None:
+    """Facts about this start (not the config): what the config resolved to on this machine."""
+    info: dict[str, Any] = {
+        "start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "jax_version": jax.__version__, "devices": jax.device_count(), "processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+    }
+    model_cfg = getattr(model, "cfg", None)
+    if isinstance(model_cfg, GPTConfig):
+        info["model"] = dataclasses.asdict(model_cfg)
+        info["params"] = count_params(model_cfg)
+        info["flops_per_token"] = flops_lib.flops_per_token(model_cfg, cfg.train.seq_len)
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2, default=str)

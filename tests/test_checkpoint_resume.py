@@ -1,0 +1,205 @@
+"""Exact resume and workdir protection, through the real binary (``python -m experiments.train``).
+
+Reference: an uninterrupted run. The same run is SIGKILLed between checkpoint writes and again while a
+checkpoint is being written (a ``*.orbax-checkpoint-tmp`` directory exists), restarted each time, and must
+log bitwise the same loss at every step and end with bitwise the same parameters (CPU, 8 fake devices,
+dropout on, so the restored rng and data-iterator state matter). A workdir of another config is refused with
+one error and left byte-for-byte unchanged; an unknown config field is one error line.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gptjax.train import workdir as workdir_lib
+from gptjax.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CKPT_EVERY = 24, 6
+WORDS = ("the quick brown fox jumps over a lazy dog while seven cats sat on warm mats near old trees and "
+         "birds sang songs of rain").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for f in range(2):
+        paragraphs = [" ".join(rng.choice(WORDS, rng.integers(20, 60))) for _ in range(40)]
+        (corpus / f"doc{f}.txt").write_text("\n\n".join(paragraphs) + "\n")
+    args = ["--config=configs/pretrain.py:tiny-bytes", f"--config.data.paths={corpus}",
+            "--config.data.split_paragraphs=True", f"--config.data.data_dir={root / 'tfds'}",
+            "--config.data.val_fraction=0", "--config.train.sample_prompts=()", "--config.train.log_every=1",
+            f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}", "--config.train.keep_ckpts=2",
+            "--config.model.dropout_resid=0.1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               # Every run compiles the same programs: share them through JAX's persistent cache.
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return root, args, env
+
+
+def start(setup, workdir, *extra):
+    root, args, env = setup
+    log = open(root / f"{os.path.basename(workdir)}.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}", *extra],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_to_end(setup, workdir, *extra, timeout=300):
+    p = start(setup, workdir, *extra)
+    assert p.wait(timeout=timeout) == 0, open(setup[0] / f"{os.path.basename(workdir)}.log").read()[-3000:]
+
+
+def wait_then_kill(p, condition, poll=0.0005, timeout=300) -> bool:
+    """SIGKILL ``p`` as soon as ``condition()`` holds; False if ``p`` exited first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return True
+        if p.poll() is not None:
+            return False
+        time.sleep(poll)
+    p.kill()
+    raise TimeoutError("condition never held")
+
+
+def finished_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def tmp_dirs(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return [n for n in os.listdir(d) if ".orbax-checkpoint-tmp" in n] if os.path.isdir(d) else []
+
+
+def losses(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(str(workdir)) if "train/loss" in r}
+
+
+def final_params(workdir):
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
+    return {k: np.asarray(v) for k, v in _flatten(restored["params"]).items()}
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    workdir = setup[0] / "reference"
+    run_to_end(setup, workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_bitwise(setup, reference):
+    workdir = setup[0] / "interrupted"
+    # 1. Killed between checkpoint writes: checkpoint 6 is finished and step 8 has run.
+    p = start(setup, workdir)
+    assert wait_then_kill(p, lambda: CKPT_EVERY in finished_steps(workdir) and max(losses(workdir), default=0) >= 8,
+                          poll=0.005)
+    assert max(finished_steps(workdir)) < STEPS
+    # 2. Killed while a checkpoint is being written (its tmp directory exists), on restart; retried if the
+    #    write finished before the signal landed.
+    caught = []
+    for _ in range(3):
+        p = start(setup, workdir)
+        if not wait_then_kill(p, lambda: bool(tmp_dirs(workdir))):
+            break
+        caught = tmp_dirs(workdir)
+        if caught:
+            break
+    assert caught, "never killed a run in the middle of a checkpoint write"
+    partial_step = int(caught[0].split(".")[0])
+    assert partial_step not in finished_steps(workdir)  # never listed as a checkpoint
+    # 3. Restart: resumes from the last finished checkpoint, deletes the partial one, runs to the end.
+    run_to_end(setup, workdir)
+    assert not tmp_dirs(workdir)
+    ref, got = losses(reference), losses(workdir)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert got == ref  # bitwise: JSON keeps every float32 digit
+    ref_params, got_params = final_params(reference), final_params(workdir)
+    assert ref_params.keys() == got_params.keys()
+    for name in ref_params:
+        np.testing.assert_array_equal(got_params[name], ref_params[name], err_msg=name)
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(path)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, path)} {st.st_size} {st.st_mtime_ns}\n".encode())
+            h.update(open(full, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_workdir_of_another_config_is_refused_untouched(setup, reference):
+    before = tree_digest(reference)
+    p = subprocess.run([sys.executable, "-m", "experiments.train", *setup[1], f"--workdir={reference}",
+                        "--config.optim.lr=0.001"], cwd=REPO, env=setup[2], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert "holds a run with a different config (1 field(s) differ)" in p.stderr
+    assert "optim.lr: stored 0.003 -> now 0.001" in p.stderr and "--allow_config_change" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert tree_digest(reference) == before
+
+
+def test_unknown_config_field_is_one_clear_error(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/pretrain.py:tiny-bytes",
+                        f"--workdir={tmp_path / 'wd'}", "--config.optim.nonexistent=1"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        "error: --config.optim.nonexistent: config.optim has no field 'nonexistent'; valid fields: ['b1', ")
+    assert "Traceback" not in p.stderr and not (tmp_path / "wd").exists()
+
+
+def test_config_check_unit(tmp_path):
+    """workdir.check_or_write_config: write, accept same / restart-safe changes, refuse others, or archive."""
+    cfg = {"optim": {"lr": 1e-3}, "train": {"steps": 10, "log_every": 5, "allow_config_change": False}}
+    wd = str(tmp_path / "wd")
+    workdir_lib.check_or_write_config(wd, cfg, write=False)
+    assert not os.path.exists(wd)  # check-only never creates anything
+    workdir_lib.check_or_write_config(wd, cfg)
+    stored = json.load(open(os.path.join(wd, "config.json")))
+    assert stored == cfg
+    safe = {**cfg, "train": {**cfg["train"], "log_every": 1, "allow_config_change": True}}
+    workdir_lib.check_or_write_config(wd, safe)  # restart-safe fields may change
+    changed = {**cfg, "optim": {"lr": 2e-3}, "model": {"d_model": 64}}
+    with pytest.raises(workdir_lib.ConfigMismatchError) as e:
+        workdir_lib.check_or_write_config(wd, changed)
+    assert "2 field(s) differ" in str(e.value) and "model.d_model: stored '<absent>' -> now 64" in str(e.value)
+    assert json.load(open(os.path.join(wd, "config.json")))["optim"]["lr"] == 1e-3
+    workdir_lib.check_or_write_config(wd, changed, allow_change=True)
+    assert json.load(open(os.path.join(wd, "config.json")))["optim"]["lr"] == 2e-3
+    archived = [n for n in os.listdir(wd) if n.startswith("config.") and n != "config.json"]
+    assert len(archived) == 1 and json.load(open(os.path.join(wd, archived[0])))["optim"]["lr"] == 1e-3
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints").mkdir(parents=True)
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="no config.json"):
+        workdir_lib.check_or_write_config(str(foreign), cfg)
+    assert os.listdir(foreign) == ["checkpoints"]
