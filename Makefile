@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= workdirs/demo
 
-.PHONY: assets setup test test-fast demo model-info bench sweep overopt clean
+.PHONY: assets setup test test-fast demo demo-seeds model-info plan bench sweep overopt clean
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +30,16 @@ test-fast: setup
 demo: setup
 	$(BIN)/python -m experiments.chatgpt --workdir=$(WORKDIR)
 
+# The README's per-seed table for the seed-world pipeline (3 seeds, ~45 min on 2 CPU cores).
+demo-seeds: setup
+	$(BIN)/python -m experiments.chatgpt --workdir=workdirs/seeds --seeds=0,1,2
+
 model-info: setup
 	$(BIN)/python -m experiments.model_info
+
+# Does GPT-3 175B fit 64 GPUs of 80 GB with FSDP? (AOT-compiled on 64 fake CPU devices.)
+plan: setup
+	$(BIN)/python -m experiments.plan --config=configs/pretrain.py:gpt3-175b --mesh=1,64,1 --num_devices=64 --device_memory=80GB
 
 bench: setup
 	$(BIN)/python -m experiments.bench --config=configs/bench.py:cpu-tiny

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gptjax.train import pipeline
+from gptjax.train import metrics as metrics_lib, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")
@@ -23,6 +23,7 @@ _SEEDS = flags.DEFINE_list("seeds", None, "Run these seeds (default: config.seed
 
 def main(argv):
     del argv
+    metrics_lib.quiet_library_logs()
     cfg = _CONFIG.value
     seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [int(cfg.seed)]
     all_results = []

@@ -9,7 +9,6 @@ Bad input ends in one error line and exit status 1.
 from __future__ import annotations
 
 import importlib.util
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -18,7 +17,7 @@ from ml_collections import config_flags
 from gptjax.assets import AssetMissingError
 from gptjax.data.builders import DataError
 from gptjax.model import ConfigError
-from gptjax.train import loop, runners, workdir as workdir_lib
+from gptjax.train import loop, metrics as metrics_lib, runners, workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
                                           lock_config=True)
@@ -28,15 +27,6 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 # Errors that mean "the input is wrong": reported as one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, AssetMissingError, loop.TrainingStopped)
-
-
-# Libraries whose INFO records (orbax logs every file of every save) would bury the progress lines.
-QUIET_LIBRARIES = ("/orbax/", "/tensorstore/", "/grain/", "/tensorflow_datasets/")
-
-
-class _QuietLibraries(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
 
 
 def _unknown_override(argv) -> str | None:
@@ -78,7 +68,7 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    metrics_lib.quiet_library_logs()
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     if _ALLOW_CONFIG_CHANGE.value:
         cfg.train.allow_config_change = True
@@ -86,7 +76,9 @@ def main(argv):
         if cfg.stage not in runners.STAGES:
             raise ConfigError(f"config.stage={cfg.stage!r} is unknown; valid stages: {sorted(runners.STAGES)}")
         # Refuse a workdir of another config before spending time on data; the loop checks again and writes.
-        workdir_lib.check_or_write_config(workdir, cfg, allow_change=bool(cfg.train.allow_config_change),
+        # Later stages store their config with the inherited (from_init) model and tokenizer filled in.
+        stored_form = runners.resolved_config(cfg) if cfg.stage != "pretrain" else cfg
+        workdir_lib.check_or_write_config(workdir, stored_form, allow_change=bool(cfg.train.allow_config_change),
                                           write=False)
         result = runners.STAGES[cfg.stage](cfg, workdir)
     except USER_ERRORS as e:

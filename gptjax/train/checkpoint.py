@@ -164,7 +164,7 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
     return {prefix: tree}
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     out: dict = {}
     for path, v in flat.items():
         node = out
@@ -174,7 +174,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return out
 
 
-def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), field: str = "train.init_from"):
+def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), field: str = "train.init_from",
+                item_key: str = "params"):
     """Parameters of the checkpoint at ``path`` for the leaves of ``abstract_params`` (ShapeDtypeStructs
     with shardings; restored directly into those shardings and dtypes).
 
@@ -186,9 +187,9 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
     step_dir = resolve_checkpoint_dir(path, field)
     meta = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
     tree = meta.tree if hasattr(meta, "tree") else meta
-    if "params" not in tree:
-        raise ConfigError(f"{field}: {step_dir}/state has no 'params' (top-level keys {sorted(tree)})")
-    source = {k: v.shape for k, v in _flatten(tree["params"]).items()}
+    if item_key not in tree:
+        raise ConfigError(f"{field}: {step_dir}/state has no {item_key!r} (top-level keys {sorted(tree)})")
+    source = {k: v.shape for k, v in _flatten(tree[item_key]).items()}
     target = _flatten(abstract_params if isinstance(abstract_params, Mapping) else dict(abstract_params))
     fresh = [tuple(p.strip("/").split("/")) for p in keep_fresh]
     wanted = {k: v for k, v in target.items() if not any(k[:len(f)] == f for f in fresh)}
@@ -208,9 +209,9 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
     extra = sorted(name(k) for k in source if k not in target)
     if extra:
         logging.info("init_from: ignoring %d checkpoint params this model does not have: %s", len(extra), extra[:5])
-    item = {"params": _unflatten(wanted)}
+    item = {item_key: unflatten(wanted)}
     restored = ocp.PyTreeCheckpointer().restore(
         step_dir / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     logging.info("init_from: loaded %d parameter arrays from %s", len(wanted), step_dir)
-    return _flatten(restored["params"])
+    return _flatten(restored[item_key])

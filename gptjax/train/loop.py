@@ -398,6 +398,7 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
     workdir_lib.check_or_write_config(workdir, cfg, allow_change=allow_change, write=primary)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_ckpts))
     writer = prefetch = None
+    started = time.time()
     try:
         state = _restore_or_init(ckpt, t, abstract=abstract, init_params_fn=init_params_fn, tx=tx,
                                  shardings=shardings, mesh=mesh, rng=rng, train_iter=train_iter,
@@ -463,6 +464,8 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
             eval_result = evaluate(step)
         if sample_fn is not None:
             sample_texts = samples(step)
+        if primary:
+            _write_summary(workdir, model, t, step, ramp, micro, flops_per_token, time.time() - started)
         return TrainResult(step=step, train_metrics=reporter.last, eval_metrics=eval_result,
                            samples=sample_texts, workdir=workdir, state=state)
     finally:
@@ -471,6 +474,25 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
         ckpt.close()  # waits for an async save in flight: a finished checkpoint is never thrown away
         if writer is not None:
             writer.close()
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def _write_summary(workdir: str, model, t, step: int, ramp: BatchRamp, micro: int, flops_per_token, wall_s: float):
+    """What a finished run amounts to (sweeps gather these): size, tokens, compute and validation losses."""
+    tokens = sum(ramp.microbatches_at(s) for s in range(step)) * micro * int(t.seq_len)
+    evals = [r["eval/loss"] for r in metrics_lib.read_metrics(workdir) if r.get("eval/loss") is not None]
+    summary: dict[str, Any] = {"steps": step, "tokens": tokens, "wall_time_s": wall_s,
+                               "final_val_loss": evals[-1] if evals else None,
+                               "best_val_loss": min(evals) if evals else None}
+    model_cfg = getattr(model, "cfg", None)
+    if isinstance(model_cfg, GPTConfig):
+        counts = count_params(model_cfg)
+        summary.update(params=counts["total"], non_embedding_params=counts["non_embedding"],
+                       flops=flops_per_token * tokens if flops_per_token else None)
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _fmt(d: Mapping[str, float]) -> str:

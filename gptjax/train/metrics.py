@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -23,7 +24,20 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 METRICS_FILE = "metrics.jsonl"
+# Libraries whose INFO records (orbax logs every file of every save) would bury the progress lines.
+QUIET_LIBRARIES = ("/orbax/", "/tensorstore/", "/grain/", "/tensorflow_datasets/")
 TB_DIR = "tb"
+
+
+class _QuietLibraries(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+    """Keep warnings, drop the INFO chatter of QUIET_LIBRARIES from absl's log output (binaries call this)."""
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def read_metrics(workdir: str) -> list[dict]:

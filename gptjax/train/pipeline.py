@@ -177,23 +177,6 @@ def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, label_
     return p, s, r, o
 
 
-def _load_policy(stage_cfg, name: str, workdir: str) -> tuple[GPT, Any, Tokenizer]:
-    from gptjax import sharding
-    import flax.linen as nn
-    from gptjax.train import state as state_lib
-    stored = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(workdir))  # the run's resolved config
-    model_cfg, tok_cfg = stored.model, stored.tokenizer
-    tokenizer = runners.build_tokenizer(tok_cfg)
-    gcfg = runners.build_model_config(model_cfg, tokenizer, 8)
-    model = GPT(gcfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
-    boxed = state_lib.abstract_boxed_params(state_lib.default_init_params_fn(model, 8), jax.random.key(0))
-    mesh = sharding.make_mesh(tuple(stage_cfg.mesh.shape))
-    shardings = sharding.logical_to_sharding(boxed, mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
-                            shardings)
-    return model, runners.load_full_params(workdir, abstract, name), tokenizer
-
-
 def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) every stage and returns {stage: metrics}; writes WORKDIR/results.json."""
     workdir = os.path.abspath(workdir)
@@ -213,8 +196,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     runners.run_sft(s, _stage_dir(workdir, "sft"))
     timings["sft"] = time.time() - start
 
-    pre_model, pre_params, tokenizer = _load_policy(p, "pretrain", _stage_dir(workdir, "pretrain"))
-    sft_model, sft_params, _ = _load_policy(s, "sft", _stage_dir(workdir, "sft"))
+    pre_model, pre_params, tokenizer, _ = runners.load_policy(_stage_dir(workdir, "pretrain"))
+    sft_model, sft_params, _, _ = runners.load_policy(_stage_dir(workdir, "sft"))
     evaluator = StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed))
     sft_stage = StageModel("sft", sft_model, sft_params, True)
 

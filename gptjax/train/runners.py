@@ -18,6 +18,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from gptjax import sampling, sharding
@@ -235,9 +236,32 @@ def load_reward_params(path: str, abstract_params, field: str) -> dict:
     return params
 
 
-def load_full_params(path: str, abstract_params, field: str) -> dict:
-    flat = ckpt_lib.load_params(path, abstract_params, field=field)
-    return ckpt_lib._unflatten(flat)
+def load_full_params(path: str, abstract_params, field: str, item_key: str = "params") -> dict:
+    """Every parameter of the checkpoint at ``path`` into ``abstract_params``' shapes and shardings."""
+    return ckpt_lib.unflatten(ckpt_lib.load_params(path, abstract_params, field=field, item_key=item_key))
+
+
+def abstract_params_of(model, mesh) -> dict:
+    """ShapeDtypeStructs (with the mesh's shardings) of ``model``'s parameters; nothing allocated."""
+    boxed = state_lib.abstract_boxed_params(state_lib.default_init_params_fn(model, 8), jax.random.key(0))
+    shardings = sharding.logical_to_sharding(boxed, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+                        shardings)
+
+
+def load_policy(workdir: str, mesh=None) -> tuple[GPT, dict, Tokenizer, str]:
+    """(model, params, tokenizer, stage) of the policy a pretraining, SFT or PPO run ended with (dropout off)."""
+    stored = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(workdir))
+    stage = stored.get("stage", "pretrain")
+    if stage == "reward":
+        raise ConfigError(f"{workdir} is a reward-model run; give a pretraining, SFT or PPO run")
+    tokenizer = build_tokenizer(stored.tokenizer)
+    seq_len = int(stored.sampling.max_prompt_len) if stage == "ppo" else int(stored.train.seq_len)
+    gpt_cfg = build_model_config(stored.model, tokenizer, seq_len)
+    model = GPT(gpt_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
+    mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+    key = "policy_params" if stage == "ppo" else "params"
+    return model, load_full_params(workdir, abstract_params_of(model, mesh), workdir, key), tokenizer, stage
 
 
 # --- stage 3: PPO ----------------------------------------------------------------------------------------------
@@ -256,14 +280,8 @@ def run_ppo(cfg, workdir: str, eval_fn=None) -> ppo_loop.PPOResult:
     reward_model = ScoreModel(rm_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
     mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
 
-    def abstract(model):
-        boxed = state_lib.abstract_boxed_params(state_lib.default_init_params_fn(model, 8), jax.random.key(0))
-        shardings = sharding.logical_to_sharding(boxed, mesh)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
-                            shardings)
-
-    policy_params = load_full_params(t.init_from, abstract(policy_model), "train.init_from")
-    reward_abstract = abstract(reward_model)
+    policy_params = load_full_params(t.init_from, abstract_params_of(policy_model, mesh), "train.init_from")
+    reward_abstract = abstract_params_of(reward_model, mesh)
     reward_params = load_reward_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
     value_params = load_full_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
     if not cfg.data.prompts_path:

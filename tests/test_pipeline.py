@@ -1,0 +1,104 @@
+"""The seed-world pipeline end to end (smoke sizes), stage hand-off and the chat session.
+
+References: hand-off is checked against the previous run's own checkpoint (a run with a vanishing learning
+rate must end where it started); the streaming chat session against the batched, jitted sampler (two
+independent decoders of the same greedy policy); gold metrics against the oracle's definition (ranges).
+"""
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import chatgpt as chatgpt_config
+from gptjax import sampling
+from gptjax.chat_session import ChatSession, run_repl
+from gptjax.data import chat
+from gptjax.model import ConfigError
+from gptjax.train import checkpoint as ckpt_lib
+from gptjax.train import pipeline, runners
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    cfg = chatgpt_config.get_config("smoke")
+    return workdir, cfg, pipeline.run_pipeline(cfg, workdir)
+
+
+def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
+    workdir, _, results = smoke
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert ckpt_lib.Checkpointer(os.path.join(workdir, stage), keep=0).latest_step() is not None, stage
+    for stage in ("pretrain", "sft", "ppo"):
+        for mode in ("sampled", "greedy"):
+            for metric in ("balanced_accuracy", "valid_reason_rate", "language_match"):
+                assert 0.0 <= results[stage][f"{mode}/{metric}"] <= 1.0
+        assert results[stage][f"sampled/num_questions"] == len(
+            pipeline.world_lib.build_world(pipeline.world_lib.SeedWorldConfig(
+                **{**chatgpt_config.get_config("smoke").world.to_dict(), "seed": 0})).heldout_questions)
+        assert set(results[stage]["showcase"]) == {"27 是不是質數？", "Is 27 a prime number?"}
+    assert results["sft"]["kl_to_sft"] == 0.0
+    assert np.isfinite(results["ppo"]["kl_to_sft"])
+    assert 0.0 <= results["reward"]["heldout_pairwise_accuracy"] <= 1.0
+    table = pipeline.format_table(results)
+    assert "pretrain" in table and "reward model" in table
+
+
+def _params_close(a, b, atol=1e-6):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), dict(jax.tree_util.tree_leaves_with_path(b))
+    assert flat_a, "no parameters"
+    for path, x in flat_a:
+        np.testing.assert_allclose(np.asarray(x), np.asarray(flat_b[path]), atol=atol, err_msg=str(path))
+
+
+def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
+    workdir, cfg, _ = smoke
+    files = {n: os.path.join(workdir, "world", f"{n}.jsonl") for n in ("pretrain", "sft_train", "sft_eval",
+                                                                        "ppo_prompts")}
+    labels = {"train": os.path.join(workdir, "labels", "rankings_train.jsonl"),
+              "eval": os.path.join(workdir, "labels", "rankings_eval.jsonl")}
+    _, s, r, _ = pipeline._configure(cfg, workdir, files, labels)
+    # SFT for one step at a vanishing learning rate ends where pretraining ended.
+    s.train.steps, s.optim.lr, s.optim.weight_decay = 1, 1e-12, 0.0
+    s.train.eval_every, s.train.ckpt_every, s.train.sample_prompts = 0, 1, ()
+    runners.run_sft(s, str(tmp_path / "sft"))
+    _, pre_params, _, _ = runners.load_policy(os.path.join(workdir, "pretrain"))
+    _, sft_params, _, _ = runners.load_policy(str(tmp_path / "sft"))
+    _params_close(pre_params, sft_params)
+    # The reward model's decoder comes from SFT; its score head is new.
+    r.train.steps, r.optim.lr, r.optim.weight_decay, r.optim.warmup_steps = 1, 1e-12, 0.0, 0
+    r.train.eval_every, r.train.ckpt_every = 0, 1
+    r.data.demos_path = ""
+    result = runners.run_reward(r, str(tmp_path / "rm"))
+    _, sft_run_params, _, _ = runners.load_policy(os.path.join(workdir, "sft"))
+    _params_close(sft_run_params["decoder"], jax.device_get(result.state.params)["decoder"])
+    with pytest.raises(ConfigError, match="reward-model run"):
+        runners.load_policy(str(tmp_path / "rm"))
+
+
+def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke):
+    workdir, _, _ = smoke
+    model, params, tokenizer, stage = runners.load_policy(os.path.join(workdir, "ppo"))
+    assert stage == "ppo"
+    question = "Is 27 a prime number?"
+    session = ChatSession(model, params, tokenizer, temperature=0.0, max_new_tokens=12)
+    streamed = "".join(session.reply(question))
+    prompt = chat.render_prompt([{"role": "user", "content": question}], tokenizer).tolist()
+    tokens_BP, valid_BP = sampling.left_pad([prompt], tokenizer.pad_id)
+    out = sampling.make_sampler(model, sampling.SamplingConfig(
+        max_new_tokens=12, temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        vocab_size=tokenizer.vocab_size))(params, tokens_BP, valid_BP, None)
+    ids = [t for t, m in zip(np.asarray(out.tokens_BN[0]), np.asarray(out.mask_BN[0])) if m and t != tokenizer.eos_id]
+    assert streamed == tokenizer.decode(ids)
+    # Multi-turn memory: the second prompt contains the first exchange.
+    assert session.messages[-1]["role"] == "assistant"
+    buf = io.StringIO()
+    lines = iter(["And 13?", "/reset", "/quit"])
+    run_repl(session, read=lambda _: next(lines), out=buf)
+    assert "(new conversation)" in buf.getvalue()
+    assert [m["role"] for m in session.messages] == []
