@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= workdirs/demo
 
-.PHONY: assets setup test test-fast demo demo-seeds model-info plan bench sweep overopt clean
+.PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt clean
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m experiments.chatgpt --workdir=$(WORKDIR)
+
+# Stage 0 alone: a small GPT pretrained on Shakespeare with GPT-2 BPE (~7 min on 2 CPU cores).
+pretrain-demo: setup
+	$(BIN)/python -m experiments.train --config=configs/pretrain.py:shakespeare-demo --workdir=workdirs/shakespeare
 
 # The README's per-seed table for the seed-world pipeline (3 seeds, ~45 min on 2 CPU cores).
 demo-seeds: setup
