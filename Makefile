@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= workdirs/demo
 
-.PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt clean
+.PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt analyze clean
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,20 @@ model-info: setup
 # Does GPT-3 175B fit 64 GPUs of 80 GB with FSDP? (AOT-compiled on 64 fake CPU devices.)
 plan: setup
 	$(BIN)/python -m experiments.plan --config=configs/pretrain.py:gpt3-175b --mesh=1,64,1 --num_devices=64 --device_memory=80GB
+
+# Reward over-optimisation study (Gao et al.) on the demo's pipeline workdir (runs the pipeline first if needed).
+overopt: setup
+	$(BIN)/python -m experiments.overopt --workdir=$(WORKDIR)
+
+# Checkpoint analysis report of one run (default: the demo's PPO run).
+RUN ?= $(WORKDIR)/ppo
+analyze: setup
+	$(BIN)/python -m experiments.analyze --workdir=$(RUN)
+
+# The built-in scaling sweep on Shakespeare, then the scaling-law fit and plots.
+sweep: setup
+	$(BIN)/python -m experiments.sweep --sweep=configs/sweeps/shakespeare_sizes.py --root=workdirs/sweep
+	$(BIN)/python -m experiments.fit_scaling --results=workdirs/sweep/results.csv --out=workdirs/sweep
 
 bench: setup
 	$(BIN)/python -m experiments.bench --config=configs/bench.py:cpu-tiny

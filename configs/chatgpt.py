@@ -108,10 +108,12 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
         p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
         p.optim.warmup_steps = 2
         s.train.steps, s.train.batch_size, s.train.eval_every, s.train.ckpt_every = 6, 8, 6, 6
-        r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 2, 6, 6
-        c.world.num_rm_prompts = 64
+        # Batches divisible by the 8 fake CPU devices of the test environment, and enough RM prompts that the
+        # barely trained SFT policy yields a batch of rankings with distinct gold scores.
+        r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 8, 6, 6
+        c.world.num_rm_prompts = 512
         r.optim.warmup_steps = 1
-        o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 8, 4, 1
+        o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 16, 8, 1
         o.sampling.max_new_tokens = 16
         c.eval.max_new_tokens = 16
     return c

@@ -24,10 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pipeline"))
-    cfg = chatgpt_config.get_config("smoke")
-    return workdir, cfg, pipeline.run_pipeline(cfg, workdir)
+def smoke(smoke_pipeline, smoke_results):
+    return smoke_pipeline, chatgpt_config.get_config("smoke"), smoke_results
 
 
 def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):

@@ -275,7 +275,8 @@ def run_ppo(cfg, workdir: str, eval_fn=None) -> ppo_loop.PPOResult:
     tokenizer = build_tokenizer(cfg.tokenizer)
     gpt_cfg = build_model_config(cfg.model, tokenizer, int(cfg.sampling.max_prompt_len))
     policy_model = GPT(gpt_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))  # dropout off in RL
-    rm_model_cfg, _ = resolve_from_init(cfg, cfg.ppo_init.reward_from, "ppo_init.reward_from")
+    # The reward/value model's own architecture (it may differ from the policy's), as its run stored it.
+    rm_model_cfg = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(cfg.ppo_init.reward_from)["model"])
     rm_cfg = build_model_config(rm_model_cfg, tokenizer, int(cfg.sampling.max_prompt_len))
     reward_model = ScoreModel(rm_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
     mesh = sharding.make_mesh(tuple(cfg.mesh.shape))

@@ -1,0 +1,36 @@
+"""The reward over-optimisation study (Gao et al. 2022) on the seed world; writes OUT/overopt.{png,json,md}.
+
+    python -m experiments.overopt --workdir=workdirs/demo                 # make overopt
+    python -m experiments.overopt --workdir=/tmp/smoke --config=configs/overopt.py:smoke
+
+--workdir is a seed-world pipeline workdir (experiments.chatgpt); without a finished pipeline there
+(results.json) the pipeline runs first. Re-running skips every finished part. Method: gptjax/overopt.py.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gptjax import overopt
+from gptjax.data.chat import DataFormatError
+from gptjax.model import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/overopt.py:default", "Study config.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The seed-world pipeline workdir (run into if empty).")
+_OUT = flags.DEFINE_string("out", None, "Where the study's runs, table and plot go (default: WORKDIR/overopt).")
+
+
+def main(argv):
+    del argv
+    try:
+        results = overopt.run_study(_CONFIG.value, _WORKDIR.value, _OUT.value)
+    except (ConfigError, DataFormatError) as e:
+        sys.exit(f"overopt: error: {e}")
+    print(overopt.format_table(results))
+    print(f"\nwrote {results['plot']} and {os.path.join(results['out'], overopt.STUDY_FILE)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
