@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gptjax import distributed
 from gptjax.assets import AssetMissingError
 from gptjax.data.builders import DataError
 from gptjax.model import ConfigError
@@ -24,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and prese
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics. Resumed if it exists.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose stored config differs (sets train.allow_config_change).")
+distributed.define_flags()  # --coordinator_address/--num_processes/--process_id/--distributed (multi-host)
 
 # Errors that mean "the input is wrong": reported as one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, AssetMissingError, loop.TrainingStopped)
@@ -69,6 +71,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     metrics_lib.quiet_library_logs()
+    try:
+        distributed.initialize_from_flags()  # before any other JAX call; a no-op for one process
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     if _ALLOW_CONFIG_CHANGE.value:
         cfg.train.allow_config_change = True

@@ -71,7 +71,11 @@ class ChatSession:
         tail = decoder.flush()
         if tail:
             yield tail
-        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(answer_ids)})
+        answer = self.tokenizer.decode(answer_ids)
+        if answer.strip():
+            self.messages.append({"role": "assistant", "content": answer})
+        else:  # nothing but EOS/whitespace: the template has no empty turns, so the exchange is forgotten
+            self.messages.pop()
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]

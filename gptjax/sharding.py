@@ -7,9 +7,10 @@ axis each one is split over. The mesh has three axes:
 - ``fsdp``: data parallelism whose parameters/optimizer state are also split (ZeRO-3 / FSDP);
 - ``tensor``: Megatron-style tensor parallelism inside attention heads, MLP width and vocabulary.
 
-Flax assigns each mesh axis at most once per array (left to right), so ``("batch", "length", "embed")``
-activations split batch over data×fsdp and keep embed whole, while ``embed`` on a weight matrix is split
-over fsdp.
+Flax assigns each mesh axis at most once per array, taking the rules in table order, so
+``("batch", "length", "embed")`` activations split batch over data×fsdp and keep embed whole, while ``embed``
+on a weight matrix is split over fsdp. An activation name missing from the table is left unsplit by Flax; a
+parameter name missing from it is an error (``logical_specs``).
 """
 
 from __future__ import annotations

@@ -210,8 +210,12 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
             idx = rng_np.choice(len(prompt_tokens), pcfg.rollout_batch_size,
                                 replace=len(prompt_tokens) < pcfg.rollout_batch_size)
             t_roll = time.time()
-            batch, roll_metrics = experience(state.policy_params, ref_params, state.value_params, reward_params,
-                                             prompt_tokens[idx], prompt_valid[idx], sample_key, state.kl.kl_coef)
+            # Prompts split over data x fsdp; under the mesh the model's logical constraints shard the rollout.
+            prompts_BP = jax.device_put(prompt_tokens[idx], sharding_lib.batch_sharding(mesh))
+            valid_BP = jax.device_put(prompt_valid[idx], sharding_lib.batch_sharding(mesh))
+            with sharding_lib.activate(mesh):
+                batch, roll_metrics = experience(state.policy_params, ref_params, state.value_params, reward_params,
+                                                 prompts_BP, valid_BP, sample_key, state.kl.kl_coef)
             jax.block_until_ready(batch)
             rollout_s = time.time() - t_roll
             ptx = None
@@ -220,7 +224,8 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
                 ptx = jax.tree.map(lambda *xs: np.stack(xs).reshape(
                     (pcfg.ppo_epochs, pcfg.num_minibatches) + xs[0].shape), *ptx_batches)
             t_upd = time.time()
-            state, upd_metrics = update(state, batch, ptx, update_key)
+            with sharding_lib.activate(mesh):
+                state, upd_metrics = update(state, batch, ptx, update_key)
             new_kl = kl_ctl.update(state.kl, roll_metrics["kl"], pcfg.rollout_batch_size)
             state = state.replace(step=state.step + 1, kl=new_kl)
             jax.block_until_ready(state.step)
