@@ -159,7 +159,7 @@ def _stage_dir(workdir: str, name: str) -> str:
 
 
 def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, label_paths: dict | None):
-    """Point each stage's config at the world files and the previous stage's run."""
+    """Point each stage's config at the world files and the previous stage's run; every stage gets cfg.seed."""
     p, s, r, o = (cfg[name].copy_and_resolve_references() for name in STAGE_NAMES)
     p.data.paths = str(files["pretrain"])
     p.data.data_dir = os.path.join(workdir, "tfds")
@@ -174,6 +174,8 @@ def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, label_
     o.data.prompts_path = str(files["ppo_prompts"])
     o.ptx.paths = str(files["pretrain"])
     o.ptx.data_dir = os.path.join(workdir, "tfds")
+    for stage_cfg in (p, s, r, o):
+        stage_cfg.train.seed = int(cfg.seed)
     return p, s, r, o
 
 
@@ -187,8 +189,6 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     timings = {}
 
     p, s, r, o = _configure(cfg, workdir, files, None)
-    for stage_cfg in (p, s, r, o):
-        stage_cfg.train.seed = int(cfg.seed)
     start = time.time()
     runners.run_pretrain(p, _stage_dir(workdir, "pretrain"))
     timings["pretrain"] = time.time() - start
@@ -210,8 +210,6 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                      eval_fraction=float(cfg.labels.eval_fraction), out_dir=label_dir)
     timings["label"] = time.time() - start
     p, s, r, o = _configure(cfg, workdir, files, label_paths)
-    for stage_cfg in (p, s, r, o):
-        stage_cfg.train.seed = int(cfg.seed)
     start = time.time()
     rm_result = runners.run_reward(r, _stage_dir(workdir, "reward"))
     timings["reward"] = time.time() - start
