@@ -47,6 +47,7 @@ def base_config(preset: str, seq_len: int, batch_size: int) -> ml_collections.Co
     c.sample.temperature = 1.0  # 0 = greedy
     c.sample.top_k = 0  # 0 = off
     c.sample.param_dtype = "bfloat16"  # parameters cast to this once before sampling ("" = as initialised)
+    c.sample.unroll_layers = True  # SamplingConfig.unroll_layers: False decodes a scanned model through its scan
     c.ppo = ml_collections.ConfigDict()
     c.ppo.rollout_batch_size = 16  # episodes per iteration
     c.ppo.minibatch_size = 8  # episodes per gradient step

@@ -510,7 +510,8 @@ def _bench_sample(ctx: _Context) -> Result:
         if s.param_dtype:
             params = _cast_floats(params, jnp.dtype(s.param_dtype))
         sampler = sample_lib.make_sampler(module, sample_lib.SamplingConfig(
-            max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), eos_id=None, pad_id=0))
+            max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), eos_id=None, pad_id=0,
+            unroll_layers=bool(s.unroll_layers)))
         prompts, valid = (jnp.asarray(x) for x in left_padded_prompts(rng, B, prompt_len, cfg.vocab_size))
         key = jax.random.key(c.seed + 1)
         compiled, compile_s = _compile(sampler, params, prompts, valid, key, fast=bool(c.fast_compile))

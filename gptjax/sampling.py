@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.model import GPT, ConfigError, init_cache
+from gptjax.model import GPT, ConfigError, init_cache, unstack_layers
 
 Array = jax.Array
 
@@ -41,6 +41,12 @@ class SamplingConfig:
     # Ids >= this are never sampled: the model's vocabulary is padded (to a multiple of 128) beyond the
     # tokenizer's, and those rows of the embedding are never trained. None = every id of the model.
     vocab_size: int | None = None
+    # Decode a scanned model (GPTConfig.scan_layers) with its layers unrolled; the stacked parameters are sliced
+    # once per call, outside the token loop. Under nn.scan the per-layer caches are the scan's input and output,
+    # so XLA writes a fresh copy of the whole KV cache for every decoded token; unrolled, each layer's cache is
+    # a loop-carried buffer that dynamic_update_slice updates in place. False keeps the scan (a smaller
+    # program to compile for very deep models). Unscanned models are unaffected.
+    unroll_layers: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -146,6 +152,9 @@ def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Ar
         raise ConfigError(f"sampling.temperature={cfg.temperature} samples at random: pass a PRNG key as rng")
     if cfg.top_k > mcfg.vocab_size:
         raise ConfigError(f"sampling.top_k={cfg.top_k} exceeds model.vocab_size={mcfg.vocab_size}")
+    if cfg.unroll_layers and mcfg.scan_layers:
+        mcfg = dataclasses.replace(mcfg, scan_layers=False)
+        model, params = model.clone(cfg=mcfg), unstack_layers(params)
     apply = functools.partial(model.apply, {"params": params}, method=_last_logits)
 
     valid_BP = prompt_valid_BP.astype(bool)

@@ -6,7 +6,8 @@
 # Needs the repository and a Python with jax[cuda] and the requirements (PY, default .venv/bin/python, else
 # python3). Each config runs in its own process (so each row's peak memory is its own), most important first;
 # the whole script stays inside BUDGET_S seconds (default 540: a 10-minute slot with start-up to spare) and skips
-# what no longer fits. After the table's rows come variants that measure our choices (packed-document masks, the
+# what no longer fits. After the table's rows come variants that measure our choices (decoding through the layer
+# scan, packed-document masks, the
 # XLA flags, CUDA-graph loops for decoding, the SFT/RM steps) while time is left (EXTRA=0 skips them).
 # OUT_DIR gets few files (some runners copy back only a handful): table.md and all.json (every row, at the end),
 # runs.jsonl (each run's results appended as it ends: survives the script being killed; experiments.bench
@@ -114,6 +115,7 @@ else
   fi
   # Variants, while time is left: what packing-aware masks, the flags and CUDA-graph loops change.
   if [[ "$EXTRA" == 1 ]]; then
+    run sample-124m scanned-decode 100 "$FLAGS" --config.sample.unroll_layers=False
     run gpt2-124m-b48 packed8 120 "$FLAGS" --config.pretrain_segments=8
     run sample-124m cuda-graph-loops 120 "$FLAGS $EXPERIMENTAL"
     run gpt2-124m-b48 no-xla-flags 120 ""

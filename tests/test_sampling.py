@@ -9,6 +9,7 @@ Models are tiny presets with random weights (init_std 0.15 so that greedy output
 are peaked enough to test, while logits stay O(1) so the 1e-5 tolerance is meaningful), float32.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -72,12 +73,16 @@ def _generated(out, i):
     return [int(t) for t, m in zip(out.tokens_BN[i], out.mask_BN[i]) if m]
 
 
-@pytest.mark.parametrize("name,scan", [("tiny", True), ("tiny", False), ("tiny-gpt1", True), ("tiny-sparse", True)])
-def test_decode_logits_equal_full_forward_at_every_step(name, scan):
-    """Also: the padded batch's greedy tokens are the argmax of each prompt's own (unpadded) forward."""
+@pytest.mark.parametrize("name,scan,unroll", [("tiny", True, True), ("tiny", True, False), ("tiny", False, True),
+                                              ("tiny-gpt1", True, True), ("tiny-sparse", True, True)])
+def test_decode_logits_equal_full_forward_at_every_step(name, scan, unroll):
+    """Also: the padded batch's greedy tokens are the argmax of each prompt's own (unpadded) forward.
+
+    A scanned model decodes unrolled by default (SamplingConfig.unroll_layers) and through the scan otherwise.
+    """
     model, params = _model(name, scan)
     toks, valid = left_pad(PROMPTS, pad_id=0)
-    out = _sampler(GREEDY, name, scan)(params, toks, valid, None)
+    out = _sampler(dataclasses.replace(GREEDY, unroll_layers=unroll), name, scan)(params, toks, valid, None)
     assert bool(out.mask_BN.all())  # no EOS: every step is a real decode step
     seqs = [prompt + _generated(out, i) for i, prompt in enumerate(PROMPTS)]
     for i, (prompt, full) in enumerate(zip(PROMPTS, _full_logits(name, seqs))):
