@@ -27,6 +27,8 @@ _WORKLOADS = flags.DEFINE_string("workloads", None, f"Comma-separated subset of 
                                  "(default: the config's own list).")
 _OUT = flags.DEFINE_string("out", None, "Write the results (and environment) as JSON here.")
 _LABEL = flags.DEFINE_string("label", "", "Tag for this run's rows (e.g. the variant measured).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace one more call of each workload with jax.profiler "
+                                   "into this folder (TensorBoard/Perfetto) and print its top device ops.")
 _MERGE = flags.DEFINE_string("merge", None, "Instead of measuring: glob of result JSON files to print as one table.")
 
 
@@ -75,8 +77,13 @@ def main(argv):
         def progress(result):  # each row as soon as it is measured, in case a later workload dies
             print("measured: " + " | ".join(bench.table_row(result)), file=sys.stderr, flush=True)
 
-        results = bench.run(cfg, _WORKLOADS.value, label=_LABEL.value, on_result=progress)
+        results = bench.run(cfg, _WORKLOADS.value, label=_LABEL.value, on_result=progress,
+                            profile_dir=_PROFILE_DIR.value)
         print(bench.format_table(results), flush=True)
+        for r in results:
+            if "top_ops" in r.extra:
+                print(f"\n# device time by op, {r.workload}{' [' + r.label + ']' if r.label else ''} (one traced call)\n"
+                      + bench.format_op_times(r.extra["top_ops"]), flush=True)
         if _OUT.value:
             bench.write_json(_OUT.value, results, meta)
     except ConfigError as e:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import glob
 import json
 import math
 import os
@@ -69,6 +70,8 @@ EXPERIMENTAL_GPU_XLA_FLAGS = {
     # Record while/cond loops (the decode loop, scanned layers) into CUDA graphs with conditional nodes, so a
     # data-dependent loop does not copy its predicate to the host every iteration. Needs CUDA >= 12.3.
     "cuda-graph-loops": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",
+    # cuBLAS/cuBLASLt for every matmul instead of letting the autotuner pick Triton-generated GEMMs.
+    "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",
 }
 
 
@@ -260,6 +263,45 @@ def time_calls(call: Callable[[], Any], warmup: int, repeats: int) -> list[float
     return times
 
 
+def device_op_times(trace_dir: str, top: int = 25) -> list[dict]:
+    """The ops that took the most device time in the ``jax.profiler`` trace under ``trace_dir``.
+
+    Returns ``[{name, ms, count, share}]`` (total milliseconds over the trace, share of all device-op time),
+    largest first. GPU traces: the per-HLO-op line of each device plane when the trace has one, else its kernels;
+    a CPU-only trace: the XLA client's threads on the host plane.
+    """
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: the trace was not written")
+    data = ProfileData.from_file(files[-1])
+    device_planes = [p for p in data.planes if p.name.startswith("/device:")]
+    lines = []
+    for plane in device_planes:
+        plane_lines = list(plane.lines)
+        ops = [line for line in plane_lines if line.name == "XLA Ops"]
+        lines += ops or [line for line in plane_lines if line.name not in ("XLA Modules", "Steps", "XLA TraceMe")]
+    if not lines:  # CPU: ops run on the PjRt client's and Eigen's threads
+        lines = [line for p in data.planes if p.name == "/host:CPU" for line in p.lines if "XLA" in line.name]
+    totals: dict[str, list] = {}
+    for line in lines:
+        for event in line.events:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.duration_ns
+            entry[1] += 1
+    all_ns = sum(ns for ns, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": name, "ms": ns / 1e6, "count": n, "share": ns / all_ns} for name, (ns, n) in ranked]
+
+
+def format_op_times(ops: list[dict]) -> str:
+    width = max((len(o["name"][:90]) for o in ops), default=4)
+    rows = [f"{'op':<{width}}  {'ms':>9}  {'calls':>6}  share"]
+    rows += [f"{o['name'][:90]:<{width}}  {o['ms']:9.3f}  {o['count']:6d}  {100 * o['share']:5.1f}%" for o in ops]
+    return "\n".join(rows)
+
+
 # --- configs -> models and data ---------------------------------------------------------------------------------
 
 def model_config(c) -> GPTConfig:
@@ -351,6 +393,24 @@ class _Context:
     mesh: Any
     devices: list
     label: str
+    profile_dir: str | None = None  # trace one extra call of each workload here (jax.profiler)
+    profiles: dict = dataclasses.field(default_factory=dict)  # workload -> device_op_times of that trace
+
+    def time(self, workload: str, call: Callable[[], Any]) -> list[float]:
+        """``time_calls`` with the config's warmup/repeats; then, with a profile_dir, one traced call."""
+        times = time_calls(call, int(self.c.warmup), int(self.c.repeats))
+        self.trace(workload, call)
+        return times
+
+    def trace(self, workload: str, call: Callable[[], Any]) -> None:
+        """With a profile_dir: one more call of ``call`` under ``jax.profiler``, its top device ops kept."""
+        if not self.profile_dir:
+            return
+        trace_dir = os.path.join(self.profile_dir, f"{self.c.name}{'_' + self.label if self.label else ''}"
+                                                   f"_{workload}")
+        with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(call())
+        self.profiles[workload] = device_op_times(trace_dir)
 
     def mfu(self, tokens_per_s: float, flops_per_token: float) -> float | None:
         return model_mfu(tokens_per_s, flops_per_token, self.devices)
@@ -482,7 +542,7 @@ def _bench_train(ctx: _Context, workload: str) -> Result:
             state, metrics = compiled(state, batch, num_micro)
             return state, metrics
 
-        times = time_calls(call, int(c.warmup), int(c.repeats))
+        times = ctx.time(workload, call)
         tokens = rows * tokens_per_row
         step_s = statistics.median(times)
         result = ctx.result(
@@ -515,7 +575,7 @@ def _bench_sample(ctx: _Context) -> Result:
         prompts, valid = (jnp.asarray(x) for x in left_padded_prompts(rng, B, prompt_len, cfg.vocab_size))
         key = jax.random.key(c.seed + 1)
         compiled, compile_s = _compile(sampler, params, prompts, valid, key, fast=bool(c.fast_compile))
-    times = time_calls(lambda: compiled(params, prompts, valid, key), int(c.warmup), int(c.repeats))
+    times = ctx.time("sample", lambda: compiled(params, prompts, valid, key))
     step_s = statistics.median(times)
     result = ctx.result("sample", model=describe(cfg, c.model.preset) + (f" params:{s.param_dtype}" if
                                                                          s.param_dtype else ""),
@@ -577,6 +637,14 @@ def _bench_ppo(ctx: _Context) -> list[Result]:
         if i >= int(c.warmup):
             roll_times.append(mid - start)
             upd_times.append(end - mid)
+    ctx.trace("ppo-rollout", lambda: compiled_exp(*args(state)))
+
+    def update_once():
+        nonlocal state
+        state, metrics = compiled_upd(state, batch, None, keys[4])
+        return state, metrics
+
+    ctx.trace("ppo-update", update_once)
     iter_times = [a + b for a, b in zip(roll_times, upd_times)]
     shares = [a / (a + b) for a, b in zip(roll_times, upd_times)]
     roll_s, upd_s, iter_s = (statistics.median(x) for x in (roll_times, upd_times, iter_times))
@@ -614,12 +682,14 @@ def parse_workloads(text: str) -> list[str]:
 
 
 def run(c, workloads: Sequence[str] | str | None = None, *, label: str = "",
-        on_result: Callable[[Result], None] | None = None) -> list[Result]:
+        on_result: Callable[[Result], None] | None = None, profile_dir: str | None = None) -> list[Result]:
     """Benchmark ``workloads`` (default: the config's) of bench config ``c``; ``on_result`` sees each row as it
-    is measured. A workload that fails (e.g. out of memory) gives a row whose status says why; the others run."""
+    is measured. A workload that fails (e.g. out of memory) gives a row whose status says why; the others run.
+    With ``profile_dir``, each workload's row gets ``extra["top_ops"]``: the device ops of one more traced call
+    (``device_op_times``), after the timed ones."""
     names = parse_workloads(workloads if isinstance(workloads, str) else ",".join(workloads or []) or c.workloads)
     mesh = make_mesh(c)
-    ctx = _Context(c=c, mesh=mesh, devices=list(mesh.devices.flat), label=label)
+    ctx = _Context(c=c, mesh=mesh, devices=list(mesh.devices.flat), label=label, profile_dir=profile_dir)
     results: list[Result] = []
     for name in names:
         try:
@@ -638,6 +708,9 @@ def run(c, workloads: Sequence[str] | str | None = None, *, label: str = "",
                                tokens_per_call=0)]
             gc.collect()
         for r in rows:
+            ops = ctx.profiles.get(r.workload)
+            if ops is not None:
+                r.extra = {**(r.extra or {}), "top_ops": ops}
             results.append(r)
             if on_result is not None:
                 on_result(r)

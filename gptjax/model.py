@@ -413,8 +413,37 @@ class Decoder(nn.Module):
 
 
 def lm_logits(hidden_BTD, embedding_VD, dtype) -> Array:
-    """Tied output layer: logits in float32 whatever the compute dtype."""
-    return jnp.einsum("btd,vd->btv", hidden_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32)
+    """Output layer: logits in float32 whatever the compute dtype.
+
+    In a 16-bit compute dtype the backward casts the float32 logit gradient to that dtype before its two matmuls
+    (as torch autocast does). Left to autodiff they would take a float32 operand and run as float32 GEMMs (TF32
+    at best: half the bf16 rate) over the largest matrices of a small model, and move twice the bytes.
+    """
+    dtype = jnp.dtype(dtype)
+    hidden_BTD, embedding_VD = hidden_BTD.astype(dtype), embedding_VD.astype(dtype)
+    if dtype.itemsize >= 4:
+        return jnp.einsum("btd,vd->btv", hidden_BTD, embedding_VD, preferred_element_type=jnp.float32)
+    return _float32_logits(hidden_BTD, embedding_VD)
+
+
+@jax.custom_vjp
+def _float32_logits(hidden_BTD, embedding_VD):
+    return jnp.einsum("btd,vd->btv", hidden_BTD, embedding_VD, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_fwd(hidden_BTD, embedding_VD):
+    return _float32_logits(hidden_BTD, embedding_VD), (hidden_BTD, embedding_VD)
+
+
+def _float32_logits_bwd(residuals, dlogits_BTV):
+    hidden_BTD, embedding_VD = residuals
+    dlogits_BTV = dlogits_BTV.astype(hidden_BTD.dtype)
+    dhidden_BTD = jnp.einsum("btv,vd->btd", dlogits_BTV, embedding_VD, preferred_element_type=jnp.float32)
+    dembedding_VD = jnp.einsum("btv,btd->vd", dlogits_BTV, hidden_BTD, preferred_element_type=jnp.float32)
+    return dhidden_BTD.astype(hidden_BTD.dtype), dembedding_VD.astype(embedding_VD.dtype)
+
+
+_float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
 
 
 class GPT(nn.Module):

@@ -182,3 +182,14 @@ def test_gpu_script_prints_one_table_on_a_cpu(tmp_path):
     assert [r.workload for r in bench.read_json(str(tmp_path / "runs.jsonl"))[1]] == ["sample"]
     assert len(list(tmp_path.iterdir())) <= 8  # the device runner copies back at most 8 files
     assert "--xla_gpu" not in meta["xla_flags"]  # GPU flags are never forced on a CPU
+
+
+def test_profile_dir_records_top_device_ops(tmp_path):
+    """--profile_dir traces one more call per workload; its op table names real XLA ops with positive times."""
+    results = bench.run(get_config("cpu-tiny"), "sample", profile_dir=str(tmp_path))
+    ops = results[0].extra["top_ops"]
+    assert ops and all(o["ms"] > 0 and o["count"] >= 1 for o in ops)
+    assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+    assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
+    assert list(tmp_path.glob("**/*.xplane.pb"))  # the trace itself, for TensorBoard / Perfetto
+    assert "calls" in bench.format_op_times(ops).splitlines()[0]

@@ -98,3 +98,46 @@ def test_bad_chunk_is_one_clear_error():
     hidden, emb, targets = _inputs()
     with pytest.raises(ValueError, match="chunk must be a positive"):
         losses.chunked_token_stats(hidden, emb, targets, chunk=0)
+
+
+def _dot_operand_dtypes(fn, *args):
+    """Operand dtypes of every matmul in fn's program (jaxprs nested in custom_vjp / pjit included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eq in jaxpr.eqns:
+            if eq.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eq.invars))
+            for p in eq.params.values():
+                for j in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(j, "jaxpr", None)
+                    if inner is not None and hasattr(inner, "eqns"):
+                        walk(inner)
+                    elif hasattr(j, "eqns"):
+                        walk(j)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_logits_backward_runs_bf16_matmuls_and_matches_float32():
+    """The bf16 output layer's backward casts the fp32 logit gradient down before its two matmuls.
+
+    Left to autodiff, the cotangent stays float32 and both backward matmuls take a float32 operand (float32
+    GEMMs on a GPU); the gradients must still equal the float32 computation to bf16 precision.
+    """
+    hidden, emb, targets = _inputs()
+    loss = lambda h, e, dtype: jnp.sum(losses.cross_entropy(lm_logits(h, e, dtype), targets))
+    grad_bf16 = jax.grad(lambda h, e: loss(h, e, jnp.bfloat16), argnums=(0, 1))
+    dtypes = _dot_operand_dtypes(grad_bf16, hidden.astype(jnp.bfloat16), emb)
+    assert len(dtypes) >= 3, dtypes  # forward (seen once per nested jaxpr that holds it) + two backward matmuls
+    assert all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
+    dh16, de16 = grad_bf16(hidden.astype(jnp.bfloat16), emb)
+    assert dh16.dtype == jnp.bfloat16 and de16.dtype == jnp.float32  # each gradient in its input's dtype
+    # Reference: the same math in float32 from the bf16-rounded inputs.
+    h32, e32 = hidden.astype(jnp.bfloat16).astype(jnp.float32), emb.astype(jnp.bfloat16).astype(jnp.float32)
+    dh32, de32 = jax.grad(lambda h, e: loss(h, e, jnp.float32), argnums=(0, 1))(h32, e32)
+    np.testing.assert_allclose(np.asarray(dh16, np.float32), dh32, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(de16, de32, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(loss(hidden.astype(jnp.bfloat16), emb, jnp.bfloat16), loss(h32, e32, jnp.float32),
+                               rtol=1e-5)
