@@ -38,6 +38,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 64  # response budget; responses without EOS get ppo.no_eos_penalty
     c.sampling.top_k = 0  # 0 = off (RLHF samples the policy as a distribution: temperature ppo.temperature)
     c.sampling.top_p = 1.0
+    # SamplingConfig.decode_segments: rollouts decode in this many loops, each attending over only the cache prefix
+    # it can have filled (less memory traffic for long responses; each loop adds compile time).
+    c.sampling.decode_segments = 1
     c.ptx = default_data_config()  # pretraining data for PPO-ptx (used when ppo.ptx_coef > 0)
     c.ptx_seq_len = 128  # sequence length of the PPO-ptx pretraining batches
     c.optim = common.optim_config()

@@ -47,6 +47,11 @@ class SamplingConfig:
     # a loop-carried buffer that dynamic_update_slice updates in place. False keeps the scan (a smaller
     # program to compile for very deep models). Unscanned models are unaffected.
     unroll_layers: bool = True
+    # Decode in this many loops, each attending over only the cache prefix it can have filled (the prompt plus the
+    # tokens up to the loop's last step) instead of all P + max_new_tokens slots every step: decode attention
+    # reads the whole cache it is given, so for long responses (PPO's 256 tokens) this cuts its memory traffic by
+    # up to half. Each loop is its own copy of the decode step in the program (compile time grows with it).
+    decode_segments: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,6 +62,9 @@ class SamplingConfig:
             raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling.top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+        if self.decode_segments < 1:
+            raise ConfigError(f"sampling.decode_segments must be >= 1 (1 = one loop over the whole cache), got "
+                              f"{self.decode_segments}")
         if self.cache_dtype is not None and self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"sampling.cache_dtype={self.cache_dtype!r} is unknown; valid choices: "
                               f"[None, 'float32', 'bfloat16', 'float16']")
@@ -187,9 +195,34 @@ def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Ar
            "logits": jnp.zeros((B, N, logits_BV.shape[-1]), jnp.float32) if cfg.return_logits else None}
     done_B, out = emit(0, logits_BV, jnp.zeros((B,), bool), out)
 
+    i = jnp.int32(1)
+    for end in _segment_ends(N, cfg.decode_segments):
+        # Steps [i, end) feed tokens into slots up to P + end - 2: attend over that prefix of the cache only.
+        length = P + end - 1
+        prefix = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, length, axis=c.ndim - 3), cache)
+        i, prefix, done_B, out = _decode_loop(apply, emit, i, end, prefix, done_B, out, P, num_real_B,
+                                              kv_valid_BS[:, :length])
+        cache = jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=c.ndim - 3), cache,
+                             prefix)
+    finished_B = jnp.any(out["mask"] & (out["tokens"] == eos), axis=1)
+    return SampleOutput(tokens_BN=out["tokens"], logprobs_BN=out["logprobs"], mask_BN=out["mask"],
+                        lengths_B=out["mask"].sum(axis=1, dtype=jnp.int32), finished_B=finished_B,
+                        logits_BNV=out["logits"])
+
+
+def _segment_ends(N: int, segments: int) -> list[int]:
+    """End step (exclusive) of each decode loop: steps 1 .. N-1 split into ``segments`` near-equal runs."""
+    steps = N - 1
+    segments = max(1, min(segments, steps))
+    return [1 + (steps * (k + 1)) // segments for k in range(segments)] if steps else []
+
+
+def _decode_loop(apply, emit, i, end, cache, done_B, out, P, num_real_B, kv_valid_BS):
+    """Decode steps i .. end-1 (fewer if every row is done) with a while loop over a cache of any length."""
+
     def cond(state):
         i, _, done_B, _ = state
-        return (i < N) & ~jnp.all(done_B)
+        return (i < end) & ~jnp.all(done_B)
 
     def body(state):
         i, cache, done_B, out = state
@@ -199,11 +232,7 @@ def sample(model: GPT, params, prompt_BP: Array, prompt_valid_BP: Array, rng: Ar
         done_B, out = emit(i, logits_BV, done_B, out)
         return i + 1, cache, done_B, out
 
-    out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, done_B, out))[-1]
-    finished_B = jnp.any(out["mask"] & (out["tokens"] == eos), axis=1)
-    return SampleOutput(tokens_BN=out["tokens"], logprobs_BN=out["logprobs"], mask_BN=out["mask"],
-                        lengths_B=out["mask"].sum(axis=1, dtype=jnp.int32), finished_B=finished_B,
-                        logits_BNV=out["logits"])
+    return jax.lax.while_loop(cond, body, (i, cache, done_B, out))
 
 
 def make_sampler(model: GPT, cfg: SamplingConfig):

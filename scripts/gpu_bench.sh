@@ -6,9 +6,9 @@
 # Needs the repository and a Python with jax[cuda] and the requirements (PY, default .venv/bin/python, else
 # python3). Each config runs in its own process (so each row's peak memory is its own), most important first;
 # the whole script stays inside BUDGET_S seconds (default 540: a 10-minute slot with start-up to spare) and skips
-# what no longer fits. After the table's rows come variants that measure our choices (unscanned layers, decoding
-# through the layer scan, cuBLAS-only GEMMs, packed-document masks, the SFT/RM steps, the chunked LM loss) while
-# time is left (EXTRA=0 skips them).
+# what no longer fits. After the table's rows come variants that measure our choices (scanned layers, one decode
+# loop, decoding through the layer scan, packed-document masks, the SFT/RM steps, the chunked LM loss, CUDA-graph
+# loops) while time is left (EXTRA=0 skips them).
 # OUT_DIR gets few files (some runners copy back only a handful): table.md and all.json (every row, at the end),
 # runs.jsonl (each run's results appended as it ends: survives the script being killed; experiments.bench
 # --merge=OUT_DIR/runs.jsonl prints its table), runs.log (every run's output), machine.txt, skipped.txt.
@@ -38,9 +38,9 @@ elapsed() { echo $(( $(date +%s) - START )); }
 
 # The recommended XLA flags (gptjax.bench.recommended_xla_flags). An unknown flag aborts XLA, so jax is started
 # with them once first; the same start reports the backend, the card and its usable memory.
-IFS='|' read -r FLAGS NO_TRITON_GEMM <<< "$($PY -c '
+IFS='|' read -r FLAGS EXPERIMENTAL <<< "$($PY -c '
 from gptjax.bench import EXPERIMENTAL_GPU_XLA_FLAGS, recommended_xla_flags
-print(" ".join(recommended_xla_flags("gpu")), EXPERIMENTAL_GPU_XLA_FLAGS["no-triton-gemm"], sep="|")')"
+print(" ".join(recommended_xla_flags("gpu")), EXPERIMENTAL_GPU_XLA_FLAGS["cuda-graph-loops"], sep="|")')"
 probe() {  # probe FLAGS -> "backend|usable GiB|device kind", or fails when jax does not start with them
   XLA_FLAGS="$1" $PY -c '
 import jax
@@ -115,12 +115,13 @@ else
   fi
   # Variants, while time is left: what packing-aware masks, the flags and CUDA-graph loops change.
   if [[ "$EXTRA" == 1 ]]; then
-    run gpt2-124m-b48 unscanned 120 "$FLAGS" --config.model.scan_layers=False
-    run sample-124m scanned-decode 100 "$FLAGS" --config.sample.unroll_layers=False
-    run gpt2-124m-b48 no-triton-gemm 120 "$FLAGS $NO_TRITON_GEMM"
+    run gpt2-124m-b48 scanned 120 "$FLAGS" --config.model.scan_layers=True
+    run ppo-124m one-decode-loop 200 "$FLAGS" --config.sample.decode_segments=1
+    run sample-124m scanned-decode 100 "$FLAGS" --config.sample.unroll_layers=False --config.model.scan_layers=True
     run gpt2-124m-b48 packed8 120 "$FLAGS" --config.pretrain_segments=8
     run gpt2-124m-b12 stages 150 "$FLAGS" --workloads=sft,reward
     run gpt2-124m-b48 loss-chunk256 120 "$FLAGS" --config.loss_chunk=256
+    run sample-124m cuda-graph-loops 120 "$FLAGS $EXPERIMENTAL"
   fi
 fi
 

@@ -73,16 +73,20 @@ def _generated(out, i):
     return [int(t) for t, m in zip(out.tokens_BN[i], out.mask_BN[i]) if m]
 
 
-@pytest.mark.parametrize("name,scan,unroll", [("tiny", True, True), ("tiny", True, False), ("tiny", False, True),
-                                              ("tiny-gpt1", True, True), ("tiny-sparse", True, True)])
-def test_decode_logits_equal_full_forward_at_every_step(name, scan, unroll):
+@pytest.mark.parametrize("name,scan,unroll,segments", [
+    ("tiny", True, True, 1), ("tiny", True, False, 1), ("tiny", False, True, 1), ("tiny", True, True, 3),
+    ("tiny", True, False, 4), ("tiny-gpt1", True, True, 1), ("tiny-sparse", True, True, 1),
+    ("tiny-sparse", True, True, 3)])
+def test_decode_logits_equal_full_forward_at_every_step(name, scan, unroll, segments):
     """Also: the padded batch's greedy tokens are the argmax of each prompt's own (unpadded) forward.
 
-    A scanned model decodes unrolled by default (SamplingConfig.unroll_layers) and through the scan otherwise.
+    A scanned model decodes unrolled by default (SamplingConfig.unroll_layers) and through the scan otherwise;
+    with decode_segments > 1 each loop attends over a prefix of the cache only.
     """
     model, params = _model(name, scan)
     toks, valid = left_pad(PROMPTS, pad_id=0)
-    out = _sampler(dataclasses.replace(GREEDY, unroll_layers=unroll), name, scan)(params, toks, valid, None)
+    cfg = dataclasses.replace(GREEDY, unroll_layers=unroll, decode_segments=segments)
+    out = _sampler(cfg, name, scan)(params, toks, valid, None)
     assert bool(out.mask_BN.all())  # no EOS: every step is a real decode step
     seqs = [prompt + _generated(out, i) for i, prompt in enumerate(PROMPTS)]
     for i, (prompt, full) in enumerate(zip(PROMPTS, _full_logits(name, seqs))):
@@ -131,6 +135,11 @@ def test_eos_stops_each_row_and_pads_after():
         params, np.repeat(toks[:1], len(PROMPTS), 0), np.repeat(valid[:1], len(PROMPTS), 0), None)
     np.testing.assert_array_equal(same.tokens_BN, np.repeat(out.tokens_BN[:1], len(PROMPTS), 0))
     assert bool(same.finished_B.all()) and np.all(np.asarray(same.lengths_B) == list(free[0]).index(eos) + 1)
+    # Segmented decoding: rows stop in different segments (or in none); later segments see every row done.
+    segmented = _sampler(SamplingConfig(max_new_tokens=N, temperature=0.0, eos_id=eos, pad_id=pad,
+                                        decode_segments=5))(params, toks, valid, None)
+    for field in ("tokens_BN", "mask_BN", "lengths_B", "finished_B"):
+        np.testing.assert_array_equal(getattr(segmented, field), getattr(out, field))
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy():

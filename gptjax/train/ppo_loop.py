@@ -164,7 +164,8 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
 
     sampling_cfg = SamplingConfig(max_new_tokens=int(cfg.sampling.max_new_tokens), temperature=pcfg.temperature,
                                   top_k=int(cfg.sampling.top_k), top_p=float(cfg.sampling.top_p),
-                                  eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size)
+                                  eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
+                                  decode_segments=int(cfg.sampling.get("decode_segments", 1)))
     prompt_tokens, prompt_valid = _pad_prompts(prompts, pad_id)
     total_updates = t.steps * pcfg.ppo_epochs * pcfg.num_minibatches
     policy_tx, _ = make_optimizer(cfg.optim, total_updates, policy_params)
