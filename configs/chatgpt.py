@@ -34,6 +34,12 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
     c.world = _world()
     c.world.num_pretrain_docs = 30_000  # ~3.2M byte tokens: one pass in 800 steps of 32 x 128
+    # Numbers 2..299 (not 499): a 0.8M-parameter model learns their facts in the CPU budget (at 499 greedy held-out
+    # accuracy stayed at 0.59 after pretraining and SFT). 40% of primes >= 30 held out, 4 phrasings: 336 questions.
+    c.world.max_number = 299
+    c.world.heldout_fraction = 0.4
+    c.world.heldout_phrasings = 4
+    c.world.num_rm_prompts = 768
 
     p = pretrain.base_config("tiny")
     p.tokenizer.kind = "bytes"  # any language byte-for-byte: the seed world is Chinese and English
@@ -92,7 +98,11 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.ppo = o
 
     c.labels = ml_collections.ConfigDict()
-    c.labels.k = 4  # answers sampled per RM prompt and ranked by the labeler (InstructGPT: K = 4..9)
+    c.labels.k = 5  # answers sampled per RM prompt and ranked by the labeler (InstructGPT: K = 4..9)
+    # Of the K answers, this many come from the pretrained model, the rest from the SFT policy (InstructGPT ranked
+    # samples of several models): the RM then sees answers about the wrong number, which PPO otherwise finds and
+    # exploits ("26 不是質數，因為它可以被 2 整除" scored high as an answer about 27).
+    c.labels.pretrain_k = 1
     c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 64  # answer budget when asking the held-out questions

@@ -6,6 +6,7 @@ batch iteration is a pure function of (seed, epoch) and resumes exactly; the TFD
 the same examples and keeps the original file:line for errors."""
 
 import collections
+import itertools
 import json
 from pathlib import Path
 
@@ -232,3 +233,24 @@ def test_tfds_array_record_round_trip_keeps_file_lines(tmp_path):
                                                  {"prompt": "q", "responses": ["a", "a"]}])
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: responses 0 and 1 are identical"):
         pt.build_tfds("rankings", {"train": bad}, tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_sft_and_ranking_batches_split_the_global_batch_across_processes(process_count):
+    """Each process yields its own rows of the same global batch; together they are the one-process batch."""
+    convs = [{"messages": c} for c in CONVS]
+    rankings = [{"prompt": f"q{i}", "responses": [f"r{j}" for j in range(2 + i % 4)]} for i in range(13)]
+    for make, source, kwargs in ((pt.sft_batches, convs, {"seed": 3}),
+                                 (pt.ranking_batches, rankings, {"seed": 1, "num_epochs": 1,
+                                                                 "drop_remainder": False})):
+        whole = list(itertools.islice(make(source, TOK, 128, 4, process_index=0, process_count=1, **kwargs), 6))
+        parts = [list(itertools.islice(make(source, TOK, 128, 4, process_index=p, process_count=process_count,
+                                            **kwargs), 6)) for p in range(process_count)]
+        assert all(len(x) == len(whole) for x in parts)
+        for i, batch in enumerate(whole):
+            for key, value in batch.items():
+                local = [part[i][key] for part in parts]
+                assert all(len(v) == 4 // process_count for v in local)
+                np.testing.assert_array_equal(np.concatenate(local), value)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        pt.sft_batches(convs, TOK, 128, 4, process_index=0, process_count=3)

@@ -210,13 +210,30 @@ class BatchIterator:
     are permuted by a generator seeded with (seed, epoch). `num_epochs=None` repeats forever. With
     `drop_remainder=False` the last batch is filled with `empty_row` rows (zero loss weight). `get_state` /
     `set_state` give exact resume (checkpoint the small dict next to the model).
+
+    Multi-host: `batch_size` is the global batch; every process builds the same global batch (the datasets of
+    SFT and the RM are small enough to hold on each host) and yields only its rows, `batch_size //
+    process_count` of them, as `jax.make_array_from_process_local_data` expects. `process_index` /
+    `process_count` default to JAX's; tests pass them to simulate several hosts.
     """
 
     def __init__(self, make_epoch: Callable[[int], dict[str, np.ndarray]], empty_row: dict[str, np.ndarray],
                  batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = True):
+                 drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if process_index is None or process_count is None:
+            import jax  # only for the process topology: the data code itself stays numpy
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} (global) is not divisible by the {process_count} processes; "
+                             f"choose a multiple of {process_count}")
+        local = batch_size // process_count
+        self._rows = slice(process_index * local, (process_index + 1) * local)
         self._make_epoch, self._empty_row = make_epoch, empty_row
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_epochs, self.drop_remainder = num_epochs, drop_remainder
@@ -266,12 +283,12 @@ class BatchIterator:
             batch = {k: np.concatenate([v, np.repeat(self._empty_row[k][None], short, axis=0)])
                      for k, v in batch.items()}
         self._batch_index += 1
-        return batch
+        return {k: v[self._rows] for k, v in batch.items()}
 
 
 def sft_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,
-                shuffle: bool = True, num_epochs: int | None = None,
-                drop_remainder: bool = True) -> BatchIterator:
+                shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
+                process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
     """LM batches (batch_size, seq_len) of packed SFT conversations.
 
     Conversations are tokenised once; each epoch shuffles them (seed, epoch), packs first-fit and shuffles the rows,
@@ -288,7 +305,7 @@ def sft_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, see
              "positions": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32),
              "weights": np.zeros(seq_len, np.float32)}
     return BatchIterator(make_epoch, empty, batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                         drop_remainder=drop_remainder)
+                         drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,7 +351,8 @@ def ranking_examples(source: Source, tokenizer, seq_len: int, *,
 
 def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,
                     shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                    num_slots: int | None = None) -> BatchIterator:
+                    num_slots: int | None = None, process_index: int | None = None,
+                    process_count: int | None = None) -> BatchIterator:
     """Ranking batches (B, K, T) + num_ranked (B,), all K responses of a prompt in one batch element.
 
     With drop_remainder=False the last batch is filled with empty elements: num_ranked 0 and no valid token, which
@@ -345,7 +363,8 @@ def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *,
     empty = {"tokens": np.full((k, t), tokenizer.pad_id, np.int32), "valid": np.zeros((k, t), bool),
              "num_ranked": np.zeros((), np.int32)}
     return BatchIterator(lambda epoch: examples, empty, batch_size, seed=seed, shuffle=shuffle,
-                         num_epochs=num_epochs, drop_remainder=drop_remainder)
+                         num_epochs=num_epochs, drop_remainder=drop_remainder, process_index=process_index,
+                         process_count=process_count)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -122,10 +122,19 @@ class StageEvaluator:
 
 
 def label_rankings(world: world_lib.SeedWorld, evaluator: StageEvaluator, stage: StageModel, *, k: int,
-                   eval_fraction: float, out_dir: str) -> dict[str, str]:
-    """Sample K answers per RM prompt from the SFT policy; the simulated labeler ranks them (gold oracle)."""
+                   eval_fraction: float, out_dir: str, other: StageModel | None = None,
+                   other_k: int = 0) -> dict[str, str]:
+    """Sample K answers per RM prompt; the simulated labeler ranks them (gold oracle).
+
+    ``k - other_k`` answers come from ``stage`` (the SFT policy) and ``other_k`` from ``other`` (the pretrained
+    model): as InstructGPT's comparisons came from several models, the RM then also sees the off-topic, other-
+    number answers a policy drifts towards, not only the SFT policy's own mistakes.
+    """
+    if not 0 <= other_k < k or (other_k and other is None):
+        raise ValueError(f"labels.pretrain_k={other_k} must be in [0, labels.k={k}) (and needs the other model)")
     questions = world.rm_prompts
-    samples = [evaluator.generate(stage, questions, 1.0, salt=100 + i)[0] for i in range(k)]
+    samples = [evaluator.generate(other if i < other_k else stage, questions, 1.0, salt=100 + i)[0]
+               for i in range(k)]
     records = []
     for qi, q in enumerate(questions):
         record = world.oracle.ranking_record(q, [samples[i][qi] for i in range(k)], max_ranked=k)
@@ -206,8 +215,10 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     label_paths = {"train": os.path.join(label_dir, "rankings_train.jsonl"),
                    "eval": os.path.join(label_dir, "rankings_eval.jsonl")}
     if not all(os.path.exists(v) for v in label_paths.values()):
+        pre_stage = StageModel("pretrain", pre_model, pre_params, False)
         label_paths = label_rankings(world, evaluator, sft_stage, k=int(cfg.labels.k),
-                                     eval_fraction=float(cfg.labels.eval_fraction), out_dir=label_dir)
+                                     eval_fraction=float(cfg.labels.eval_fraction), out_dir=label_dir,
+                                     other=pre_stage, other_k=int(cfg.labels.get("pretrain_k", 0)))
     timings["label"] = time.time() - start
     p, s, r, o = _configure(cfg, workdir, files, label_paths)
     start = time.time()
