@@ -391,7 +391,7 @@ class Decoder(nn.Module):
         if positions_BT is None:
             offset = 0 if cache_index is None else cache_index
             positions_BT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
-        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+        x_BTD = _lookup(self.wte.embedding, tokens_BT, "vocab") + _lookup(self.wpe.embedding, positions_BT, "position")
         x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD.astype(_dtype(cfg.dtype)), ("batch", "length", "embed"))
         masks = build_masks(cfg, T, segment_ids_BT, None if cache is None else (cache_index, kv_valid_BS))
@@ -410,6 +410,17 @@ class Decoder(nn.Module):
 
     def embedding_matrix(self):
         return self.wte.embedding
+
+
+def _lookup(table_VD, ids_BT, row_axis: str) -> Array:
+    """Embedding lookup with the table's embed dimension gathered first (as FSDP gathers every weight before use).
+
+    A gather from a table split over ``embed`` (fsdp) yields activations split over embed, which the partitioner
+    cannot turn into the batch-split layout that follows without replicating them ("involuntary full
+    rematerialization"); gathered over embed, the lookup's output can be split over batch directly.
+    """
+    table_VD = nn.with_logical_constraint(table_VD, (row_axis, None))
+    return nn.with_logical_constraint(jnp.take(table_VD, ids_BT, axis=0), ("batch", "length", "embed"))
 
 
 def lm_logits(hidden_BTD, embedding_VD, dtype) -> Array:
