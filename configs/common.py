@@ -41,7 +41,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 def tokenizer_config(kind: str = "gpt2", path: str = "") -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     t.kind = kind  # bytes | gpt2 | sentencepiece (gptjax.tokenizers.make_tokenizer)
-    t.path = path  # tokenizer file; "" = the default (gpt2: the fetched asset; bytes: none)
+    # Tokenizer file; "" = the default (gpt2: the fetched asset; bytes: none). For sentencepiece also
+    # "shakespeare:<pieces>": a model trained on the Shakespeare training split, made once and cached.
+    t.path = path
     return t
 
 

@@ -4,6 +4,9 @@
 trained with its paper's recipe where one exists, or one of the runs below:
 
 - ``shakespeare-demo``: the README's CPU demo — a small GPT on Shakespeare with GPT-2 BPE in minutes.
+- ``shakespeare-sp``: the same corpus with a 4,096-piece SentencePiece vocabulary trained on its training split
+  (``tokenizer.path = "shakespeare:4096"``, made on first use and cached): the base of the scaling sweep, where
+  GPT-2's 50k-token output layer would dominate tiny models' compute.
 - ``tiny-bytes``: a few-second smoke run (byte tokenizer) for tests and debugging.
 
 GPT-3 recipe (Brown et al. 2020, Table 2.1 and App. B): context 2048, the table's batch and peak lr (its
@@ -41,7 +44,7 @@ GPT3_RECIPE = {
 # Sequences per microbatch on one 80 GB GPU (bf16, remat for the larger ones); by parameter count.
 MICROBATCH_BY_SIZE = ((400e6, 16), (1.6e9, 8), (7e9, 2), (float("inf"), 1))
 
-RUNS = ("shakespeare-demo", "tiny-bytes")
+RUNS = ("shakespeare-demo", "shakespeare-sp", "tiny-bytes")
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
@@ -139,6 +142,11 @@ def get_config(preset: str = "shakespeare-demo") -> ml_collections.ConfigDict:
     if preset == "shakespeare-demo":
         c = base_config("tiny")
         _shakespeare_demo(c)
+    elif preset == "shakespeare-sp":
+        c = base_config("tiny")
+        _shakespeare_demo(c)
+        c.tokenizer.kind = "sentencepiece"
+        c.tokenizer.path = "shakespeare:4096"
     elif preset == "tiny-bytes":
         c = base_config("tiny")
         _tiny_bytes(c)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import sampling, sharding
-from gptjax.data import chat, post_training
+from gptjax.data import chat, post_training, shakespeare_sp
 from gptjax.data.pipeline import make_lm_iterator
 from gptjax.model import GPT, ConfigError, GPTConfig, ScoreModel
 from gptjax.presets import preset_config
@@ -40,9 +40,14 @@ REWARD_BIAS_FILE = "reward_bias.json"
 # --- shared pieces ---------------------------------------------------------------------------------------------
 
 def build_tokenizer(tok_cfg) -> Tokenizer:
+    """The configured tokenizer; a SentencePiece ``path`` of ``shakespeare:<pieces>`` names a vocabulary trained
+    on the Shakespeare training split (gptjax/data/shakespeare_sp.py), made on first use and cached."""
+    path = tok_cfg.path or None
     try:
-        return make_tokenizer(tok_cfg.kind, tok_cfg.path or None)
-    except ValueError as e:  # unknown kind / bad path: the tokenizer module's message names the choices
+        if tok_cfg.kind == "sentencepiece" and path and shakespeare_sp.is_spec(path):
+            path = shakespeare_sp.model_path(path)
+        return make_tokenizer(tok_cfg.kind, path)
+    except (ValueError, FileNotFoundError) as e:  # unknown kind / bad path: the message names the choices
         raise ConfigError(f"tokenizer: {e}") from None
 
 
