@@ -207,7 +207,7 @@ def test_bad_config_errors(tmp_path):
 
 def test_batch_not_divisible_by_processes(tmp_path):
     path, _ = letter_corpus(tmp_path, [4, 4])
-    with pytest.raises(DataError, match=r"global_batch_size=6 is not divisible by the number of processes \(4\)"):
+    with pytest.raises(DataError, match=r"global batch size 6 is not divisible by the number of processes \(4\)"):
         make_lm_iterator(text_files_cfg(tmp_path, str(path)), TOK, split="train", global_batch_size=6,
                          seq_len=8, seed=0, process_index=0, process_count=4)
 

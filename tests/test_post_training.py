@@ -252,5 +252,5 @@ def test_sft_and_ranking_batches_split_the_global_batch_across_processes(process
                 local = [part[i][key] for part in parts]
                 assert all(len(v) == 4 // process_count for v in local)
                 np.testing.assert_array_equal(np.concatenate(local), value)
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    with pytest.raises(ValueError, match="not divisible by the number of processes \\(3\\)"):
         pt.sft_batches(convs, TOK, 128, 4, process_index=0, process_count=3)

@@ -19,10 +19,9 @@ import functools
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 
-from gptjax.data import builders, packing
+from gptjax.data import builders, hosts, packing
 from gptjax.data.builders import DataError
 
 
@@ -87,18 +86,12 @@ def make_lm_iterator(data_cfg: Any, tokenizer: Any, *, split: str, global_batch_
     ``process_index``/``process_count`` default to JAX's; tests pass them to simulate several hosts.
     """
     cfg = resolve_data_config(data_cfg)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    if global_batch_size % process_count:
-        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the number of processes "
-                        f"({process_count}); choose a multiple of {process_count}")
+    process_index, process_count, local_batch_size = hosts.local_rows(global_batch_size, process_index,
+                                                                      process_count)
     if seq_len < 1 or global_batch_size < 1:
         raise DataError(f"seq_len={seq_len} and global_batch_size={global_batch_size} must be >= 1")
     if num_epochs is not None and num_epochs < 1:
         raise DataError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
-    local_batch_size = global_batch_size // process_count
 
     documents = builders.load_source(cfg, split)
     shard = grain.MapDataset.source(documents)[process_index::process_count]

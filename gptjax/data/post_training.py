@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.data import chat
+from gptjax.data import chat, hosts
 from gptjax.data.chat import DataFormatError
 
 MAX_RANKED = 9  # InstructGPT ranks K = 4..9 outputs per prompt; 2 is the pairwise minimum
@@ -222,17 +222,7 @@ class BatchIterator:
                  drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if process_index is None or process_count is None:
-            import jax  # only for the process topology: the data code itself stays numpy
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} (global) is not divisible by the {process_count} processes; "
-                             f"choose a multiple of {process_count}")
-        local = batch_size // process_count
+        process_index, _, local = hosts.local_rows(batch_size, process_index, process_count)
         self._rows = slice(process_index * local, (process_index + 1) * local)
         self._make_epoch, self._empty_row = make_epoch, empty_row
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
