@@ -6,6 +6,7 @@ independent decoders of the same greedy policy); gold metrics against the oracle
 """
 
 import io
+import json
 import os
 
 import jax
@@ -45,6 +46,14 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
     assert 0.0 <= results["reward"]["heldout_pairwise_accuracy"] <= 1.0
     table = pipeline.format_table(results)
     assert "pretrain" in table and "reward model" in table
+    # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.
+    for stage, has_perplexity in (("pretrain", True), ("sft", True), ("reward", False)):
+        with open(os.path.join(workdir, stage, "metrics.jsonl"), encoding="utf-8") as f:
+            evals = [row for row in map(json.loads, f) if "eval/loss" in row]
+        assert evals and all(("eval/perplexity" in row) == has_perplexity for row in evals), stage
+    # The labeler ranked answers of both models (labels.pretrain_k of the K are the pretrained model's).
+    with open(os.path.join(workdir, "labels", "rankings_train.jsonl"), encoding="utf-8") as f:
+        assert all(len(json.loads(line)["responses"]) >= 2 for line in f)
 
 
 def _params_close(a, b, atol=1e-6):

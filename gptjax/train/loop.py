@@ -294,8 +294,9 @@ class _Reporter:
                 f"{self._latest_ckpt()}. Lower optim.lr, check the data, or compute in float32 (model.dtype).")
 
 
-def _evaluate(eval_step, evaluator: _EvalSource, params, mesh, num_batches: int) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and metrics over the same ``num_batches`` batches."""
+def _evaluate(eval_step, evaluator: _EvalSource, params, mesh, num_batches: int,
+              perplexity: bool = True) -> dict[str, float]:
+    """Weighted validation loss (and its perplexity) and metrics over the same ``num_batches`` batches."""
     sums = None
     with mesh_context(mesh):
         for batch in evaluator.batches(num_batches):
@@ -308,7 +309,8 @@ def _evaluate(eval_step, evaluator: _EvalSource, params, mesh, num_batches: int)
     loss_w, weight, rest = jax.device_get(sums)
     weight = max(float(weight), 1e-12)
     result = {"eval/loss": float(loss_w) / weight}
-    result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
+    if perplexity:
+        result["eval/perplexity"] = math.exp(min(result["eval/loss"], 50.0))
     result.update({f"eval/{k}": float(v) if k.startswith("num_") else float(v) / weight for k, v in rest.items()})
     return result
 
@@ -361,7 +363,7 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
                  init_params_fn: Callable | None = None, eval_iter=None,
                  sample_fn: Callable[[Any], list[str]] | None = None, mesh=None,
                  extra_ckpt_items: Mapping[str, tuple[Callable[[], Any], Callable[[Any], None]]] | None = None,
-                 flops_per_token: float | None = None) -> TrainResult:
+                 flops_per_token: float | None = None, loss_is_token_nll: bool = True) -> TrainResult:
     """Train (or resume) in ``workdir`` per ``cfg`` (sections ``train``, ``optim``, ``mesh``).
 
     ``train_iter`` yields *microbatches* of ``train.batch_size / optim.grad_accum_steps`` rows (this process's
@@ -369,7 +371,9 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
     ``eval_iter``: a factory of fresh iterators, or an iterator with get/set_state (rewound each time).
     ``init_params_fn(rng) -> boxed params`` (default: ``model.init`` on a dummy batch).
     ``sample_fn(params) -> [str]`` makes sample generations. ``extra_ckpt_items``: name -> (get, set) of
-    JSON-able state saved with each checkpoint and given back on resume. ``flops_per_token`` for MFU
+    JSON-able state saved with each checkpoint and given back on resume. ``loss_is_token_nll``: the loss is a
+    mean per-token negative log-likelihood, so eval also reports its perplexity (False for the reward model's
+    pairwise loss, whose exp means nothing). ``flops_per_token`` for MFU
     (default: gptjax.flops of ``model.cfg``).
     """
     t = cfg.train
@@ -421,7 +425,8 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
         eval_result, sample_texts = {}, []
 
         def evaluate(step):
-            result = _evaluate(eval_step, evaluator, state.params, mesh, int(t.eval_batches))
+            result = _evaluate(eval_step, evaluator, state.params, mesh, int(t.eval_batches),
+                               perplexity=loss_is_token_nll)
             writer.write_scalars(step, result)
             logging.info("eval @ step %d: %s", step, _fmt(result))
             return result

@@ -220,7 +220,7 @@ def run_reward(cfg, workdir: str) -> loop.TrainResult:
                                       num_slots=slots)
     loss_fn = functools.partial(reward_loss, model=model)
     result = loop.run_training(cfg, workdir, model=model, loss_fn=loss_fn, train_iter=train_iter,
-                               eval_iter=eval_iter, mesh=mesh)
+                               eval_iter=eval_iter, mesh=mesh, loss_is_token_nll=False)
     if cfg.data.demos_path:
         params = jax.device_get(result.state.params)
         _, shift = fit_reward_bias(params, demonstration_rows(cfg.data.demos_path, tokenizer, int(t.seq_len), micro),
