@@ -118,14 +118,19 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**dict(fields))
+        return dataclass_from_dict(cls, fields, "model")
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
+
+
+def dataclass_from_dict(cls, fields: Mapping[str, Any], section: str):
+    """``cls(**fields)`` for a config dataclass; an unknown key is one error naming the config section."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} config field(s) {unknown}; valid fields: {sorted(known)}")
+    return cls(**dict(fields))
 
 
 def _dtype(name: str):

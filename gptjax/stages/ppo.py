@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import rlax
 
-from gptjax.model import GPT, ConfigError, ScoreModel
+from gptjax.model import GPT, ConfigError, ScoreModel, dataclass_from_dict
 from gptjax.stages import rl
 from gptjax.stages.pretrain import lm_loss, require_keys, token_stats_of
 
@@ -78,11 +78,7 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "PPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ConfigError(f"unknown ppo config field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**dict(fields))
+        return dataclass_from_dict(cls, fields, "ppo")
 
 
 # --- Per-token quantities of full rows ----------------------------------------------------------------------------
