@@ -223,8 +223,10 @@ def run_reward(cfg, workdir: str) -> loop.TrainResult:
                                eval_iter=eval_iter, mesh=mesh, loss_is_token_nll=False)
     if cfg.data.demos_path:
         params = jax.device_get(result.state.params)
-        _, shift = fit_reward_bias(params, demonstration_rows(cfg.data.demos_path, tokenizer, int(t.seq_len), micro),
-                                   model=model)
+        # Scored at the model's whole context, not the training rows' length: a demonstration (a system turn and a
+        # long answer, say) may outgrow the rankings' rows, and this one-off inference pass costs little.
+        demos = demonstration_rows(cfg.data.demos_path, tokenizer, model.cfg.max_len, micro)
+        _, shift = fit_reward_bias(params, demos, model=model)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, REWARD_BIAS_FILE), "w") as f:
                 json.dump({"shift": shift, "demos": cfg.data.demos_path, "step": result.step}, f, indent=2)
