@@ -237,3 +237,18 @@ def test_jsonl_files_load_with_post_training_readers(world, tmp_path):
     heldout = [json.loads(line) for line in files["heldout"].read_text(encoding="utf-8").splitlines()]
     assert sw.read_questions(heldout) == world.heldout_questions
     assert json.loads(files["config"].read_text())["seed"] == world.config.seed
+
+
+@pytest.mark.parametrize("limit", [512, 200])
+def test_dialogues_fit_the_token_budget(limit):
+    """Every dialogue renders (byte tokenizer + chat template) within max_dialogue_tokens, for several seeds;
+    seed 2 of the demo world drew a 527-token dialogue before the limit existed."""
+    from gptjax.data import chat
+
+    tok = make_tokenizer("bytes")
+    for seed in range(4):
+        cfg = sw.SeedWorldConfig(seed=seed, max_number=199, heldout_fraction=0.55, heldout_phrasings=4,
+                                 num_pretrain_docs=10, max_dialogue_tokens=limit)
+        dialogues = [c for c in sw.build_world(cfg).sft_conversations if sum(t["role"] == "user" for t in c) > 1]
+        lengths = [len(chat.render(c, tok)[0]) for c in dialogues]
+        assert dialogues and max(lengths) <= limit, (seed, max(lengths))

@@ -48,7 +48,7 @@ class SeedWorldConfig:
 
     The defaults give 312 held-out questions (26 primes + 26 composites, 2 languages x 3 phrasings) and 60k
     pretraining documents, about 6.3M byte-level tokens (the prototype's budget in reference.md). With the byte
-    tokenizer single-turn SFT conversations render to <= ~150 tokens, dialogues to <= ~500 (dialogue_questions 4).
+    tokenizer single-turn SFT conversations render to <= ~150 tokens, dialogues to <= max_dialogue_tokens (512).
     """
 
     seed: int = 0
@@ -94,6 +94,9 @@ class SeedWorldConfig:
     """Multi-turn dialogues (definition, numbers, π, 1, "why?") in the SFT training set."""
     dialogue_questions: int = 4
     """Most user questions in one dialogue (>= 2)."""
+    max_dialogue_tokens: int = 512
+    """A dialogue stops before a question whose exchange would make it longer than this many tokens under the byte
+    tokenizer and the chat template (the demo's SFT rows hold 512; a row needs tokens - 1 positions)."""
     wrong_demo_fraction: float = 0.2
     """Fraction of single-turn demonstrations that are wrong (reference.md found 20% useful)."""
     wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
@@ -131,6 +134,7 @@ class SeedWorldConfig:
         check(len(self.wrong_demo_mix) == 4 and min(self.wrong_demo_mix) >= 0 and sum(self.wrong_demo_mix) > 0,
               "wrong_demo_mix", "4 non-negative weights, not all 0")
         check(self.dialogue_questions >= 2, "dialogue_questions", ">= 2")
+        check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
         check(self.prime_oversample > 0, "prime_oversample", "> 0")
         for name in ("num_pretrain_docs", "num_sft_demos", "num_sft_eval_demos", "num_dialogues",
                      "num_rm_prompts", "num_ppo_prompts"):
@@ -676,6 +680,7 @@ def _dialogues(cfg: SeedWorldConfig, numbers: Sequence[int], heldout: frozenset[
             budget -= 1
         asked_number = False
         while budget > 0:
+            exchange = []
             if asked_number and rng.random() < 0.25:
                 question, answer = rng.choice(_SPECIAL_QUESTIONS[lang])
             else:
@@ -683,13 +688,24 @@ def _dialogues(cfg: SeedWorldConfig, numbers: Sequence[int], heldout: frozenset[
                 template = rng.choice(_FOLLOW_UPS[lang]) if asked_number else rng.choice(QUESTIONS[lang])
                 question, answer = template.format(n=n), writer.write("expert", n, lang)
                 if rng.random() < 0.3:  # the user asks why; the expert spells out the reason
-                    turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                    exchange += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                     question, answer = _WHY[lang], writer.write("why", n, lang)
                 asked_number = True
-            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            exchange += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if _byte_length(turns + exchange) > cfg.max_dialogue_tokens:
+                break  # checked after drawing, so worlds whose dialogues all fit are unchanged by the limit
+            turns += exchange
             budget -= 1
         dialogues.append(turns)
     return dialogues
+
+
+def _byte_length(turns: list[dict]) -> int:
+    """Tokens of a conversation under the byte tokenizer and the chat template (what the demo's SFT rows hold)."""
+    from gptjax.data import chat  # the world itself is tokenizer-agnostic; only this budget check renders
+    from gptjax.tokenizers import make_tokenizer
+
+    return len(chat.render(turns, make_tokenizer("bytes"))[0])
 
 
 def _questions(numbers: Sequence[int], rng: random.Random, prime_weight: float, count: int) -> list[Question]:
