@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from typing import Any, Sequence
@@ -119,6 +120,9 @@ def tpu_target(topology_name: str, *, device_memory: float | None = None, peak_f
                link_bandwidth: float | None = None) -> Target:
     """A TPU slice by topology name (e.g. 'v5p:4x4x4', 64 chips), compiled for with libtpu on this machine."""
     generation = topology_name.split(":")[0].lower()
+    # libtpu takes a machine-wide lockfile when it loads, so a second jax process that loaded it (a training run,
+    # another test) would make this fail; compiling for a described topology uses no TPU, so sharing is safe.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
