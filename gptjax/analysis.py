@@ -166,22 +166,13 @@ def load_reference_policy(run: Run) -> tuple[str, dict]:
 
 # --- parameters: counts, norms, differences --------------------------------------------------------------------
 
-def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, prefix + (str(k),)))
-        return out
-    return {prefix: tree}
-
-
 def layer_leaves(params: Mapping) -> dict[str, np.ndarray]:
     """Host copies of every parameter, keyed '/'-joined with the decoder's layers split out as ``layer_<i>/…``."""
     params = jax.device_get(params)
     if "decoder" in params:
         params = unstack_layers(params)
     out = {}
-    for path, leaf in _flatten(params).items():
+    for path, leaf in ckpt_lib.flatten(params).items():
         parts = list(path[1:] if path[0] == "decoder" else path)
         if parts[0].startswith("groups_"):
             group = params["decoder"][parts[0]]

@@ -155,11 +155,12 @@ def checkpoint_config(path: str) -> dict:
     return json.loads((step_dir / "config" / "metadata").read_text())
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+def flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    """Nested mappings -> {path tuple: leaf} (the inverse of ``unflatten``)."""
     if isinstance(tree, Mapping):
         out = {}
         for k, v in tree.items():
-            out.update(_flatten(v, prefix + (str(k),)))
+            out.update(flatten(v, prefix + (str(k),)))
         return out
     return {prefix: tree}
 
@@ -189,8 +190,8 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
     tree = meta.tree if hasattr(meta, "tree") else meta
     if item_key not in tree:
         raise ConfigError(f"{field}: {step_dir}/state has no {item_key!r} (top-level keys {sorted(tree)})")
-    source = {k: v.shape for k, v in _flatten(tree[item_key]).items()}
-    target = _flatten(abstract_params if isinstance(abstract_params, Mapping) else dict(abstract_params))
+    source = {k: v.shape for k, v in flatten(tree[item_key]).items()}
+    target = flatten(abstract_params if isinstance(abstract_params, Mapping) else dict(abstract_params))
     fresh = [tuple(p.strip("/").split("/")) for p in keep_fresh]
     wanted = {k: v for k, v in target.items() if not any(k[:len(f)] == f for f in fresh)}
     name = "/".join
@@ -214,4 +215,4 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
         step_dir / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     logging.info("init_from: loaded %d parameter arrays from %s", len(wanted), step_dir)
-    return _flatten(restored[item_key])
+    return flatten(restored[item_key])

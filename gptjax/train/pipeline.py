@@ -208,6 +208,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     pre_model, pre_params, tokenizer, _ = runners.load_policy(_stage_dir(workdir, "pretrain"))
     sft_model, sft_params, _, _ = runners.load_policy(_stage_dir(workdir, "sft"))
     evaluator = StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed))
+    pre_stage = StageModel("pretrain", pre_model, pre_params, False)
     sft_stage = StageModel("sft", sft_model, sft_params, True)
 
     start = time.time()
@@ -215,7 +216,6 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     label_paths = {"train": os.path.join(label_dir, "rankings_train.jsonl"),
                    "eval": os.path.join(label_dir, "rankings_eval.jsonl")}
     if not all(os.path.exists(v) for v in label_paths.values()):
-        pre_stage = StageModel("pretrain", pre_model, pre_params, False)
         label_paths = label_rankings(world, evaluator, sft_stage, k=int(cfg.labels.k),
                                      eval_fraction=float(cfg.labels.eval_fraction), out_dir=label_dir,
                                      other=pre_stage, other_k=int(cfg.labels.get("pretrain_k", 0)))
@@ -234,7 +234,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     rm_model = ScoreModel(runners.build_model_config(rm_stored.model, tokenizer, int(r.train.seq_len)))
     rm_params = jax.device_get(rm_result.state.params) if rm_result.state is not None else None
     ppo_stage = StageModel("ppo", sft_model, jax.device_get(ppo_result.state.policy_params), True)
-    stages = [StageModel("pretrain", pre_model, pre_params, False), sft_stage, ppo_stage]
+    stages = [pre_stage, sft_stage, ppo_stage]
     results: dict[str, dict] = {}
     for stage in stages:
         m = evaluator.gold(stage)
