@@ -90,13 +90,14 @@ def test_heldout_set_is_balanced_and_large(cfg):
             q.language == "zh")
 
 
-def test_prompts_oversample_primes(world):
-    train = world.train_numbers
-    p = sum(n in PRIMES for n in train)
-    expected = 3 * p / (3 * p + len(train) - p)  # prime_oversample = 3
+def test_prompts_hold_the_configured_share_of_primes(world):
+    train = set(world.train_numbers)
     for prompts in (world.rm_prompts, world.ppo_prompts):
-        share = np.mean([q.number in PRIMES for q in prompts])
-        assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / len(prompts))
+        assert sum(q.number in PRIMES for q in prompts) == round(0.5 * len(prompts))  # exact, not on average
+        assert {q.number for q in prompts} <= train
+    skewed = sw.build_world(dataclasses.replace(world.config, prompt_prime_share=0.25))
+    assert sum(q.number in PRIMES for q in skewed.ppo_prompts) == round(0.25 * len(skewed.ppo_prompts))
+    assert skewed.heldout_questions == world.heldout_questions  # prompts have their own stream
 
 
 # ---- the labeler ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Everything is generated offline from `SeedWorldConfig` (same config -> identical
   labeler       `GoldOracle`: parses an answer (verdict, stated divisors, language) and scores it: right verdict
                 +1, valid reason (a true divisor, or "only 1 and itself" for a prime) +0.5, false reason -0.25,
                 answer in the question's language +0.25; ranks K sampled answers for reward-model data.
-  prompts       RM / PPO questions about training numbers, primes oversampled (unbalanced prompts let the reward
+  prompts       RM / PPO questions about training numbers, half about primes (unbalanced prompts let the reward
                 model learn the composite base rate and PPO collapses to "not prime").
   held-out      numbers that never appear in SFT / RM / PPO text (only in pretraining), half primes and half
                 composites, each asked in both languages and several phrasings: the gold evaluation set.
@@ -109,7 +109,11 @@ class SeedWorldConfig:
     num_rm_prompts: int = 512
     num_ppo_prompts: int = 1024
     prime_oversample: float = 3.0
-    """Sampling weight of a prime relative to a composite in SFT demos and RM / PPO prompts."""
+    """Sampling weight of a prime relative to a composite in SFT demos and dialogues."""
+    prompt_prime_share: float = 0.5
+    """Share of primes among the RM and PPO prompts, exact by construction. 0.5 leaves the reward model no base
+    rate to learn: at 38% primes (prime_oversample 3) it preferred "not prime" for 70% of primes, training and
+    held-out alike, and PPO pushed the policy towards "not prime"."""
 
     # The labeler's scores.
     verdict_weight: float = 1.0
@@ -136,6 +140,7 @@ class SeedWorldConfig:
         check(self.dialogue_questions >= 2, "dialogue_questions", ">= 2")
         check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
         check(self.prime_oversample > 0, "prime_oversample", "> 0")
+        check(0 < self.prompt_prime_share < 1, "prompt_prime_share", "in (0, 1)")
         for name in ("num_pretrain_docs", "num_sft_demos", "num_sft_eval_demos", "num_dialogues",
                      "num_rm_prompts", "num_ppo_prompts"):
             check(getattr(self, name) >= 0, name, ">= 0")
@@ -708,10 +713,16 @@ def _byte_length(turns: list[dict]) -> int:
     return len(chat.render(turns, make_tokenizer("bytes"))[0])
 
 
-def _questions(numbers: Sequence[int], rng: random.Random, prime_weight: float, count: int) -> list[Question]:
+def _questions(numbers: Sequence[int], rng: random.Random, prime_share: float, count: int) -> list[Question]:
+    """`count` questions, round(prime_share * count) of them about primes, numbers drawn uniformly per class."""
+    primes = [n for n in numbers if is_prime(n)]
+    composites = [n for n in numbers if not is_prime(n)]
+    num_primes = round(prime_share * count)
+    chosen = rng.choices(primes, k=num_primes) + rng.choices(composites, k=count - num_primes)
+    rng.shuffle(chosen)
     writer = _Writer(rng)
     out = []
-    for n in _weighted_numbers(rng, numbers, prime_weight, count):
+    for n in chosen:
         lang = rng.choice(LANGUAGES)
         out.append(Question(n, lang, writer.question(n, lang)))
     return out
@@ -756,8 +767,8 @@ def build_world(cfg: SeedWorldConfig = SeedWorldConfig()) -> SeedWorld:
         sft_conversations=sft,
         sft_eval_conversations=_demos(cfg, train, heldout_set, stream("sft-eval"), cfg.num_sft_eval_demos),
         dialogues=dialogues,
-        rm_prompts=_questions(train, stream("rm"), cfg.prime_oversample, cfg.num_rm_prompts),
-        ppo_prompts=_questions(train, stream("ppo"), cfg.prime_oversample, cfg.num_ppo_prompts),
+        rm_prompts=_questions(train, stream("rm"), cfg.prompt_prime_share, cfg.num_rm_prompts),
+        ppo_prompts=_questions(train, stream("ppo"), cfg.prompt_prime_share, cfg.num_ppo_prompts),
         heldout_questions=_heldout_questions(cfg, heldout, stream("heldout-questions")),
         oracle=GoldOracle(cfg.verdict_weight, cfg.reason_weight, cfg.false_reason_penalty, cfg.language_weight),
     )
