@@ -109,3 +109,28 @@ def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke
     run_repl(session, read=lambda _: next(lines), out=buf)
     assert "(new conversation)" in buf.getvalue()
     assert [m["role"] for m in session.messages] == []
+
+
+def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
+    """S answers per question: each sampled metric is the mean of the oracle's metrics of S independently sampled
+    answer sets (salt 0, then 2.. — salt 1 belongs to the KL samples); greedy ones are unchanged."""
+    workdir, cfg, results = smoke
+    world = pipeline.world_lib.build_world(pipeline.world_lib.SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
+    model, params, tokenizer, _ = runners.load_policy(os.path.join(workdir, "sft"))
+    evaluator = pipeline.StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=0)
+    stage = pipeline.StageModel("sft", model, params, True)
+    questions = world.heldout_questions
+    per_set = [world.oracle.evaluate(questions, evaluator.generate(stage, questions, 1.0, salt)[0]) for salt in (0, 2, 3)]
+    assert len({tuple(sorted(m.items())) for m in per_set}) > 1, "the answer sets should differ"
+    metrics = evaluator.gold(stage, sampled_answers_per_question=3)
+    for k in ("balanced_accuracy", "valid_reason_rate", "language_match", "mean_gold_score"):
+        assert metrics[f"sampled/{k}"] == pytest.approx(np.mean([m[k] for m in per_set]), abs=1e-12), k
+    assert metrics["sampled/answers_per_question"] == 3 and metrics["greedy/answers_per_question"] == 1
+    assert metrics["sampled/num_questions"] == len(questions)
+    # The pipeline's own table used the config's S: recomputing it reproduces results.json.
+    assert int(cfg.eval.sampled_answers_per_question) == 2
+    again = evaluator.gold(stage, sampled_answers_per_question=2)
+    assert again["sampled/balanced_accuracy"] == pytest.approx(results["sft"]["sampled/balanced_accuracy"], abs=1e-12)
+    assert again["greedy/balanced_accuracy"] == pytest.approx(results["sft"]["greedy/balanced_accuracy"], abs=1e-12)
+    with pytest.raises(ValueError, match="sampled_answers_per_question"):
+        evaluator.gold(stage, sampled_answers_per_question=0)
