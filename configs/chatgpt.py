@@ -5,7 +5,7 @@
 Sections: ``world`` (gptjax/data/seed_world.py SeedWorldConfig fields), one full stage config per stage
 (``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
 by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
-Presets: ``demo`` (the README's numbers, ~15 minutes on 2 CPU cores) and ``smoke`` (seconds, for tests).
+Presets: ``demo`` (the README's numbers, ~12 minutes on 2 CPU cores) and ``smoke`` (seconds, for tests).
 """
 
 from __future__ import annotations
