@@ -9,8 +9,8 @@ WORKDIR ?= workdirs/demo
 .PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt analyze clean
 
 # Two install levels. The runtime (requirements.txt) is all the seed-world jobs need (demo, demo-seeds, overopt,
-# analyze); the test extras (torch, transformers, libtpu: several hundred MB) and the offline assets come with
-# `setup`, which every other target uses.
+# analyze); the Shakespeare jobs (pretrain-demo, sweep) add the offline assets; `setup` (test and the rest) adds
+# the test extras too (torch, transformers, libtpu: several hundred MB).
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
