@@ -65,3 +65,5 @@ def test_progress_line():
     line = format_progress(120, 2000, loss=3.21041, tokens_per_s=12345.4, mfu=0.3123, eta_s=751, extra={"lr": 6e-4})
     assert line == "step 120/2000 (6%) | loss 3.2104 | lr 0.0006 | 12,345 tok/s | MFU 31.2% | ETA 0:12:31"
     assert "MFU n/a" in format_progress(1, 2, loss=1.0, tokens_per_s=1.0, mfu=None, eta_s=None)
+    assert format_progress(1, 2, loss=1.0, tokens_per_s=None, mfu=None, eta_s=None) == (
+        "step 1/2 (50%) | loss 1.0000 | tok/s n/a | MFU n/a")

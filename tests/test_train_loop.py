@@ -269,3 +269,81 @@ def test_checkpoint_restores_onto_other_meshes(source_run):
             assert restored.data_state == {"pos": 6} and restored.config["train"]["steps"] == 6
     finally:
         ckpt.close()
+
+
+# --- progress reports: tokens/s from completion times ----------------------------------------------------------
+
+class SimulatedDevice:
+    """A device timeline against a host clock: step s finishes at ``done[s]``; waiting for it moves the clock."""
+
+    def __init__(self):
+        self.now, self.done = 0.0, {}
+
+    def clock(self):
+        return self.now
+
+
+class SimulatedScalar:
+    """A step's metric as the reporter sees a device array: ready once the step finished; reading it waits."""
+
+    def __init__(self, device, step, value):
+        self.device, self.step, self.value = device, step, value
+
+    def is_ready(self):
+        return self.device.now >= self.device.done[self.step]
+
+    def block_until_ready(self):
+        self.device.now = max(self.device.now, self.device.done[self.step])
+        return self
+
+    def copy_to_host_async(self):
+        pass
+
+    def __array__(self, dtype=None, copy=None):
+        self.block_until_ready()
+        return np.asarray(self.value, dtype)
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.records = []
+
+    def write_scalars(self, step, scalars):
+        self.records.append({"step": step, **scalars})
+
+
+@pytest.mark.parametrize("host", ["runs-ahead", "3-in-flight", "lock-step"])
+@pytest.mark.parametrize("steps,log_every", [(40, 10), (37, 10), (10, 1)])
+def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps, log_every):
+    # The device takes 1 s per step after a 5 s compile. The host dispatches ahead of it (0.01 s per step) and
+    # only waits when the reporter reads; or it may have only 3 steps in flight (XLA:CPU's PjRt client bounds
+    # them: its run-ahead is shorter than a log interval); or each call returns when its step is done. Every
+    # interval's reported rate must be the device's 1,000 tok/s in each case — the first (compilation excluded)
+    # and the last included — and the first step's time must be reported on its own.
+    compile_s, step_s, dispatch_s, tokens = 5.0, 1.0, 0.01, 1000
+    device = SimulatedDevice()
+    cfg = type("T", (), dict(log_every=log_every, steps=steps, seq_len=10, max_consecutive_bad_steps=3))
+    writer = RecordingWriter()
+    reporter = loop._Reporter(writer, cfg, flops_per_token=None, peak_flops_total=None,
+                              latest_checkpoint=lambda: None, clock=device.clock)
+    for step in range(1, steps + 1):
+        if host == "3-in-flight" and step > 3:
+            device.now = max(device.now, device.done[step - 3])
+        device.now += compile_s if step == 1 else dispatch_s
+        device.done[step] = max(device.now, device.done.get(step - 1, 0.0)) + step_s
+        if host == "lock-step":
+            device.now = device.done[step]
+        metrics = {k: SimulatedScalar(device, step, v) for k, v in
+                   dict(loss=1.0, grad_norm=1.0, lr=1e-3, skipped=0, consecutive_bad=0).items()}
+        reporter.add(step, metrics, tokens)
+    reporter.finish()
+
+    records = writer.records
+    assert [r["step"] for r in records] == sorted({*range(log_every, steps + 1, log_every), steps})
+    assert records[0]["perf/first_step_s"] == pytest.approx(compile_s + step_s, abs=0.05)
+    assert all("perf/first_step_s" not in r for r in records[1:])
+    rates = [r.get("perf/tokens_per_s") for r in records]
+    if log_every == 1:
+        assert rates[0] is None  # only the first step, whose time is compilation: no rate yet
+        rates = rates[1:]
+    assert rates == pytest.approx([tokens / step_s] * len(rates), rel=0.02)

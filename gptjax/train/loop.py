@@ -237,20 +237,40 @@ class _EvalSource:
 class _Reporter:
     """Turns per-step device metrics into log records one log interval late, so the host never waits for the
     device: at a log step it starts the device-to-host copies of this interval and reports the previous one
-    (finished long ago). Checks the NaN guard's counter while doing so."""
+    (finished long ago). Checks the NaN guard's counter while doing so.
+
+    Rates are measured between *completion* times of interval boundaries (the run's first step, then each
+    interval's last step), never host dispatch times: the host may be up to an interval ahead of the device (GPU,
+    TPU) or in lock-step with it (XLA:CPU), and dispatch times would misreport the first and last intervals on
+    one or the other. A boundary's completion is stamped the first time it is seen ready: polled without
+    blocking at every step, or waited for when its interval is reported. The first step's time (compilation
+    included) goes in the first record as ``perf/first_step_s`` and is kept out of the rates."""
 
     def __init__(self, writer: metrics_lib.MetricsWriter, train_cfg, *, flops_per_token: float | None,
-                 peak_flops_total: float | None, latest_checkpoint: Callable[[], int | None]):
-        self._writer, self._t = writer, train_cfg
+                 peak_flops_total: float | None, latest_checkpoint: Callable[[], int | None],
+                 clock: Callable[[], float] = time.perf_counter):
+        self._writer, self._t, self._clock = writer, train_cfg, clock
         self._flops, self._peak, self._latest_ckpt = flops_per_token, peak_flops_total, latest_checkpoint
         self._pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens) of the open interval
         self._queued: list[tuple[int, dict, int]] = []  # the closed interval waiting to be reported
-        self._last_time = time.time()
+        self._started = clock()
+        self._first: int | None = None  # this run's first step (after a resume: the step after the checkpoint)
+        self._first_step_s: float | None = None  # start to the first step's completion; goes in the first record
+        self._unstamped: list[tuple[int, Any]] = []  # boundaries (step, a metric array) not yet seen complete
+        self._stamps: dict[int, float] = {}  # boundary step -> when it was first seen complete
+        self._origin: int | None = None  # the boundary the next reported interval's rate is measured from
         self.last: dict[str, float] = {}  # the last reported train scalars
 
     def add(self, step: int, metrics: dict, tokens: int) -> None:
+        if self._first is None:  # the run's first step: the rates start where it ends
+            self._first = self._origin = step
+            self._unstamped.append((step, jax.tree.leaves(metrics)[0]))
         self._pending.append((step, metrics, tokens))
-        if step % int(self._t.log_every) == 0 or step == int(self._t.steps):
+        closes = step % int(self._t.log_every) == 0 or step == int(self._t.steps)
+        if closes and step != self._first:
+            self._unstamped.append((step, jax.tree.leaves(metrics)[0]))
+        self._poll()
+        if closes:
             for x in jax.tree.leaves([m for _, m, _ in self._pending]):
                 x.copy_to_host_async()
             if self._queued:
@@ -262,27 +282,57 @@ class _Reporter:
         if entries:
             self._report(entries, final=True)
 
+    def _poll(self) -> None:
+        """Stamps the boundaries that completed since the last look (in order: a later one is never ready first)."""
+        while self._unstamped and self._unstamped[0][1].is_ready():
+            self._stamp(self._unstamped.pop(0)[0])
+
+    def _stamp(self, step: int) -> None:
+        self._stamps[step] = now = self._clock()
+        if step == self._first:
+            self._first_step_s = first_s = now - self._started
+            logging.info("step %d done %.1f s after the start (compilation included; not counted in tok/s)",
+                         step, first_s)
+
+    def _wait_for(self, step: int) -> float:
+        """When boundary ``step`` completed, waiting for it (and the boundaries before it) if need be."""
+        while step not in self._stamps:
+            boundary, array = self._unstamped.pop(0)
+            jax.block_until_ready(array)
+            self._stamp(boundary)
+        return self._stamps[step]
+
     def _report(self, entries, final: bool) -> None:
         t = self._t
+        start_step, end_step = self._origin, entries[-1][0]
+        if final and end_step not in self._stamps and all(s != end_step for s, _ in self._unstamped):
+            self._unstamped.append((end_step, jax.tree.leaves(entries[-1][1])[0]))  # a last, partial interval
+        start_time, end_time = self._wait_for(start_step), self._wait_for(end_step)
+        self._origin = end_step
+        self._stamps = {s: v for s, v in self._stamps.items() if s >= end_step}
         values = jax.device_get([m for _, m, _ in entries])
-        end_step, tokens = entries[-1][0], sum(n for _, _, n in entries)
-        now = time.time()
-        elapsed, self._last_time = max(now - self._last_time, 1e-9), now
+        timed = [(s, n) for s, _, n in entries if s > start_step]  # the steps between the two completions
+        elapsed, tokens = end_time - start_time, sum(n for _, n in timed)
+        rate = tokens / elapsed if timed and elapsed > 0 else None
         good = [v for v in values if not v["skipped"]]  # a skipped step's NaN loss would poison the means
         scalars = {f"train/{k}": float(np.mean([v[k] for v in good])) if good else float("nan")
                    for k in values[-1] if k not in ("skipped", "lr", "consecutive_bad") and not k.startswith("num_")}
         scalars.update({f"train/{k}": float(sum(v[k] for v in values)) for k in values[-1] if k.startswith("num_")})
         scalars["train/lr"] = float(values[-1]["lr"])
         scalars["train/skipped_steps"] = float(sum(v["skipped"] for v in values))
-        scalars["perf/tokens_per_s"] = tokens / elapsed
-        scalars["perf/batch_size"] = tokens / len(entries) / int(t.seq_len)
-        util = flops_lib.mfu(tokens / elapsed, self._flops, self._peak) if self._flops else None
-        if util is not None:
-            scalars["perf/mfu"] = util
+        scalars["perf/batch_size"] = sum(n for _, _, n in entries) / len(entries) / int(t.seq_len)
+        if self._first_step_s is not None:
+            scalars["perf/first_step_s"], self._first_step_s = self._first_step_s, None
+        util = None
+        if rate is not None:
+            scalars["perf/tokens_per_s"] = rate
+            util = flops_lib.mfu(rate, self._flops, self._peak) if self._flops else None
+            if util is not None:
+                scalars["perf/mfu"] = util
         self._writer.write_scalars(end_step, scalars)
+        eta = None if final or rate is None else (int(t.steps) - end_step) * elapsed / len(timed)
         logging.info(metrics_lib.format_progress(
-            end_step, int(t.steps), loss=scalars["train/loss"], tokens_per_s=tokens / elapsed, mfu=util,
-            eta_s=None if final else (int(t.steps) - end_step) * elapsed / len(entries),
+            end_step, int(t.steps), loss=scalars["train/loss"], tokens_per_s=rate, mfu=util, eta_s=eta,
             extra={"lr": scalars["train/lr"], "gnorm": scalars.get("train/grad_norm", float("nan"))}))
         self.last = scalars
         bad = int(values[-1]["consecutive_bad"])

@@ -115,13 +115,14 @@ def _to_float(v) -> float | None:
     return v if math.isfinite(v) else None  # JSON has no NaN/Inf; the NaN guard reports those separately
 
 
-def format_progress(step: int, total: int, *, loss: float, tokens_per_s: float, mfu: float | None,
+def format_progress(step: int, total: int, *, loss: float, tokens_per_s: float | None, mfu: float | None,
                     eta_s: float | None, extra: Mapping[str, float] | None = None) -> str:
-    """One log line: ``step 120/2000 (6%) | loss 3.2104 | 12,345 tok/s | MFU 31.2% | ETA 0:12:31``."""
+    """One log line: ``step 120/2000 (6%) | loss 3.2104 | 12,345 tok/s | MFU 31.2% | ETA 0:12:31``.
+    ``tokens_per_s`` None: no rate measured yet (a first interval of one step, whose time is mostly compilation)."""
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)", f"loss {loss:.4f}"]
     for k, v in (extra or {}).items():
         parts.append(f"{k} {v:.3g}")
-    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    parts.append("tok/s n/a" if tokens_per_s is None else f"{tokens_per_s:,.0f} tok/s")
     parts.append("MFU n/a" if mfu is None else f"MFU {100 * mfu:.1f}%")
     if eta_s is not None:
         parts.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
