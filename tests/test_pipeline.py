@@ -51,6 +51,22 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
         with open(os.path.join(workdir, stage, "metrics.jsonl"), encoding="utf-8") as f:
             evals = [row for row in map(json.loads, f) if "eval/loss" in row]
         assert evals and all(("eval/perplexity" in row) == has_perplexity for row in evals), stage
+    # Progress rates: the trainer's first record carries the first step's time (compilation) and every record a
+    # rate; PPO's rates are its positions and generated tokens over the iteration's measured times.
+    with open(os.path.join(workdir, "pretrain", "metrics.jsonl"), encoding="utf-8") as f:
+        train = [row for row in map(json.loads, f) if "train/loss" in row]
+    assert train[0]["perf/first_step_s"] > 0 and all("perf/first_step_s" not in row for row in train[1:])
+    assert all(row["perf/tokens_per_s"] > 0 for row in train[1:])
+    with open(os.path.join(workdir, "ppo", "config.json"), encoding="utf-8") as f:
+        rollout_batch = json.load(f)["ppo"]["rollout_batch_size"]
+    with open(os.path.join(workdir, "ppo", "metrics.jsonl"), encoding="utf-8") as f:
+        ppo_rows = [row for row in map(json.loads, f) if "time/rollout_s" in row]
+    positions = {round(row["perf/episode_tokens_per_s"] * (row["time/rollout_s"] + row["time/update_s"]))
+                 for row in ppo_rows}
+    assert len(positions) == 1 and positions.pop() % rollout_batch == 0
+    for row in ppo_rows:
+        assert row["perf/rollout_new_tokens_per_s"] * row["time/rollout_s"] == pytest.approx(
+            rollout_batch * row["rollout/response_length"], rel=1e-6)
     # The labeler ranked answers of both models (labels.pretrain_k of the K are the pretrained model's).
     with open(os.path.join(workdir, "labels", "rankings_train.jsonl"), encoding="utf-8") as f:
         assert all(len(json.loads(line)["responses"]) >= 2 for line in f)

@@ -313,13 +313,15 @@ class RecordingWriter:
 
 
 @pytest.mark.parametrize("host", ["runs-ahead", "3-in-flight", "lock-step"])
-@pytest.mark.parametrize("steps,log_every", [(40, 10), (37, 10), (10, 1)])
-def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps, log_every):
+@pytest.mark.parametrize("steps,log_every", [(40, 10), (37, 10), (10, 1), (10, 10)])
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps, log_every, checkpoints):
     # The device takes 1 s per step after a 5 s compile. The host dispatches ahead of it (0.01 s per step) and
     # only waits when the reporter reads; or it may have only 3 steps in flight (XLA:CPU's PjRt client bounds
-    # them: its run-ahead is shorter than a log interval); or each call returns when its step is done. Every
-    # interval's reported rate must be the device's 1,000 tok/s in each case — the first (compilation excluded)
-    # and the last included — and the first step's time must be reported on its own.
+    # them: its run-ahead is shorter than a log interval); or each call returns when its step is done. With
+    # checkpoints, the host also waits for every 7th and the last step (a save), settling the reporter first as
+    # run_training does. Every interval's reported rate must be the device's 1,000 tok/s in each case — the
+    # first (compilation excluded) and the last included — and the first step's time must be reported on its own.
     compile_s, step_s, dispatch_s, tokens = 5.0, 1.0, 0.01, 1000
     device = SimulatedDevice()
     cfg = type("T", (), dict(log_every=log_every, steps=steps, seq_len=10, max_consecutive_bad_steps=3))
@@ -336,6 +338,9 @@ def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps,
         metrics = {k: SimulatedScalar(device, step, v) for k, v in
                    dict(loss=1.0, grad_norm=1.0, lr=1e-3, skipped=0, consecutive_bad=0).items()}
         reporter.add(step, metrics, tokens)
+        if checkpoints and (step % 7 == 0 or step == steps):
+            reporter.settle()
+            device.now = max(device.now, device.done[step])
     reporter.finish()
 
     records = writer.records

@@ -294,12 +294,22 @@ class _Reporter:
             logging.info("step %d done %.1f s after the start (compilation included; not counted in tok/s)",
                          step, first_s)
 
+    def settle(self) -> None:
+        """Waits for the boundaries not yet seen complete, in order, stamping each. The loop calls it before the
+        host blocks on a later result (a checkpoint, an evaluation, samples): that wait would pass their
+        completions unseen, and the same total wait taken here in order times each one exactly."""
+        while self._unstamped:
+            self._wait_next()
+
+    def _wait_next(self) -> None:
+        boundary, array = self._unstamped.pop(0)
+        jax.block_until_ready(array)
+        self._stamp(boundary)
+
     def _wait_for(self, step: int) -> float:
         """When boundary ``step`` completed, waiting for it (and the boundaries before it) if need be."""
         while step not in self._stamps:
-            boundary, array = self._unstamped.pop(0)
-            jax.block_until_ready(array)
-            self._stamp(boundary)
+            self._wait_next()
         return self._stamps[step]
 
     def _report(self, entries, final: bool) -> None:
@@ -504,11 +514,16 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
                 state, step_metrics = train_step(state, batch, np.int32(num_micro))
             step = step_index + 1
             reporter.add(step, step_metrics, num_micro * micro * int(t.seq_len))
-            if evaluator is not None and due(t.eval_every, step):
+            evaluating = evaluator is not None and due(t.eval_every, step)
+            sampling = sample_fn is not None and due(t.sample_every, step)
+            saving = step % int(t.ckpt_every) == 0 or step == steps
+            if evaluating or sampling or saving:
+                reporter.settle()  # each of them waits for this step: first time the steps before it
+            if evaluating:
                 eval_result = evaluate(step)
-            if sample_fn is not None and due(t.sample_every, step):
+            if sampling:
                 sample_texts = samples(step)
-            if step % int(t.ckpt_every) == 0 or step == steps:
+            if saving:
                 save(step, data_state)  # data_state: the iterator right after this step's batch
         reporter.finish()
         if step < steps:

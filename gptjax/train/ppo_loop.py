@@ -19,6 +19,7 @@ the ptx data position; the frozen reference and reward model are re-read from th
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import os
 import time
@@ -201,7 +202,9 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
     writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step), enabled=jax.process_index() == 0)
     metrics: dict = {}
     start_step = int(state.step)
-    t0 = time.time()
+    # Positions each iteration scores and trains on (prompt + response slots, padding included).
+    episode_tokens = pcfg.rollout_batch_size * (prompt_tokens.shape[1] + sampling_cfg.max_new_tokens)
+    first_done = None  # when this run's first iteration (compilation included) ended: the ETA starts there
     try:
         for it in range(start_step, t.steps):
             it_key = jax.random.fold_in(base_key, it)
@@ -236,18 +239,28 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
             metrics.update({f"ppo/{k}": float(v) for k, v in upd_metrics.items()})
             metrics.update({"ppo/kl_coef": float(state.kl.kl_coef), "time/rollout_s": rollout_s,
                             "time/update_s": update_s,
-                            "time/rollout_fraction": rollout_s / max(rollout_s + update_s, 1e-9)})
+                            "time/rollout_fraction": rollout_s / max(rollout_s + update_s, 1e-9),
+                            "perf/episode_tokens_per_s": episode_tokens / max(rollout_s + update_s, 1e-9),
+                            "perf/rollout_new_tokens_per_s": pcfg.rollout_batch_size
+                            * metrics["rollout/response_length"] / max(rollout_s, 1e-9)})
             if eval_fn is not None and (step % t.eval_every == 0 or step == t.steps):
                 metrics.update({f"eval/{k}": float(v) for k, v in eval_fn(state.policy_params, step).items()})
             writer.write_scalars(step, metrics)
+            if first_done is None:
+                first_done = time.time()
+                logging.info("PPO iteration %d took %.1f s (compilation included; ETAs start after it)", step,
+                             rollout_s + update_s)
             if step % t.log_every == 0 or step == t.steps:
-                elapsed = time.time() - t0
-                eta = elapsed / (step - start_step) * (t.steps - step)
+                done_since = step - start_step - 1
+                per_it = (time.time() - first_done) / done_since if done_since else rollout_s + update_s
                 logging.info("ppo %d/%d | score %.3f | kl %.3f | reward %.3f | eos %.2f | len %.1f | "
-                             "clip %.3f | rollout %.0f%% | ETA %ds", step, t.steps, metrics["rollout/score"],
-                             metrics["rollout/kl"], metrics["rollout/reward"], metrics["rollout/eos_rate"],
-                             metrics["rollout/response_length"], metrics["ppo/clip_frac"],
-                             100 * metrics["time/rollout_fraction"], eta)
+                             "clip %.3f | %s episode tok/s | rollout %.0f%%, %s new tok/s | ETA %s", step, t.steps,
+                             metrics["rollout/score"], metrics["rollout/kl"], metrics["rollout/reward"],
+                             metrics["rollout/eos_rate"], metrics["rollout/response_length"],
+                             metrics["ppo/clip_frac"], f"{metrics['perf/episode_tokens_per_s']:,.0f}",
+                             100 * metrics["time/rollout_fraction"],
+                             f"{metrics['perf/rollout_new_tokens_per_s']:,.0f}",
+                             datetime.timedelta(seconds=round(per_it * (t.steps - step))))
             if step % t.ckpt_every == 0 or step == t.steps:
                 ckpt.save(step, state, data_state=None if ptx_iter is None else ptx_iter.get_state(),
                           config=workdir_lib.config_to_dict(cfg))
