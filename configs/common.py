@@ -33,6 +33,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.param_dtype = placeholder(str)  # parameter / optimizer master-copy dtype
     m.scan_layers = placeholder(bool)  # nn.scan over layers: compile time independent of depth
     m.remat = placeholder(str)  # none | full | save_dots | save_dots_no_batch
+    m.xent_backward = placeholder(str)  # autodiff | fused (hand-written cross-entropy backward; see GPTConfig)
     m.init_std = placeholder(float)
     m.tie_embeddings = placeholder(bool)
     return m

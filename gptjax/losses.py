@@ -13,13 +13,14 @@ Two implementations that agree to float32 round-off (tests/test_losses.py):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.model import lm_logits
+from gptjax.model import XENT_BACKWARDS, lm_logits
 
 Array = jax.Array
 
@@ -33,23 +34,65 @@ class TokenStats(NamedTuple):
     entropy_BT: Array | None  # entropy of softmax(logits / temperature); None unless asked for
 
 
-def token_stats(logits_BTV, targets_BT, *, temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
-    """Statistics of the next-token distributions given materialised logits (any float dtype; math in fp32)."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    scaled_BTV = logits_BTV / temperature  # exact when temperature is 1
-    lse_BT = jax.nn.logsumexp(scaled_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(scaled_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+def token_stats(logits_BTV, targets_BT, *, temperature: float = 1.0, with_entropy: bool = False,
+                backward: str = "autodiff") -> TokenStats:
+    """Statistics of the next-token distributions given materialised logits (any float dtype; math in fp32).
+
+    ``backward``: how gradients reach the logits — "autodiff" (JAX differentiates the expressions) or "fused"
+    (``target_logprob``'s hand-written backward). Same values and gradients to float32 round-off."""
+    if backward == "fused":
+        logprob_BT, lse_BT = target_logprob(logits_BTV, targets_BT, float(temperature))
+    elif backward == "autodiff":
+        logprob_BT, lse_BT = _target_logprob_fwd(logits_BTV, targets_BT, temperature)[0]
+    else:
+        raise ValueError(f"token_stats: backward={backward!r} is unknown; valid choices: {list(XENT_BACKWARDS)}")
     correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     entropy_BT = None
     if with_entropy:
         # -Σ p log p from log p = z - lse: no cancellation between two large terms when one token dominates.
-        logp_BTV = scaled_BTV - lse_BT[..., None]
+        logp_BTV = logits_BTV.astype(jnp.float32) / temperature - lse_BT[..., None]
         entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
-    return TokenStats(target_logit_BT - lse_BT, lse_BT, correct_BT, entropy_BT)
+    return TokenStats(logprob_BT, lse_BT, correct_BT, entropy_BT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def target_logprob(logits_BTV, targets_BT, temperature: float):
+    """(log softmax(logits / temperature)[target], logsumexp(logits / temperature)), both float32 (B, T).
+
+    The same values as the plain expression, with a hand-written backward: autodiff saved exp(z − max) as a
+    second (B, T, V) float32 buffer and built the target's one-hot by a scatter-add into a zeroed third (the
+    largest element-wise passes of a small model's step, e.g. GPT-2 124M at B 48 — README, Performance). Here
+    the backward keeps only the logits and the (B, T) normaliser, and forms
+    d logits = ((g_lse − g_logprob)·softmax + g_logprob·onehot) / temperature in one element-wise pass, in the
+    logits' dtype, the one-hot an iota comparison that never exists in memory. The price is a second exp over
+    the logits: free where the passes are memory-bound (GPUs, TPUs), not on a CPU, where exp is compute-bound.
+    """
+    return _target_logprob_fwd(logits_BTV, targets_BT, temperature)[0]
+
+
+def _target_logprob_fwd(logits_BTV, targets_BT, temperature):
+    scaled_BTV = logits_BTV.astype(jnp.float32) / temperature  # exact when temperature is 1
+    lse_BT = jax.nn.logsumexp(scaled_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(scaled_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return (target_BT - lse_BT, lse_BT), (logits_BTV, targets_BT, lse_BT)
+
+
+def _target_logprob_bwd(temperature, residuals, cotangents):
+    logits_BTV, targets_BT, lse_BT = residuals
+    g_logprob_BT, g_lse_BT = (g.astype(jnp.float32) for g in cotangents)
+    probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) / temperature - lse_BT[..., None])
+    vocab_V = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
+    onehot_BTV = vocab_V == targets_BT[..., None].astype(jnp.int32)
+    dscaled_BTV = (g_lse_BT - g_logprob_BT)[..., None] * probs_BTV + jnp.where(onehot_BTV, g_logprob_BT[..., None], 0.0)
+    return (dscaled_BTV / temperature).astype(logits_BTV.dtype), None
+
+
+target_logprob.defvjp(_target_logprob_fwd, _target_logprob_bwd)
 
 
 def chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, *, chunk: int, dtype=None,
-                        temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        backward: str = "autodiff") -> TokenStats:
     """``token_stats(lm_logits(hidden, embedding), targets)`` without materialising the (B, T, V) logits.
 
     ``chunk`` positions are projected at a time (T need not be a multiple; the remainder is one more chunk).
@@ -65,7 +108,8 @@ def chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, *, chunk: int, dty
     @jax.checkpoint
     def stats_of_chunk(h_BCD, targets_BC):
         logits_BCV = nn.with_logical_constraint(lm_logits(h_BCD, embedding_VD, dtype), ("batch", "length", "vocab"))
-        s = token_stats(logits_BCV, targets_BC, temperature=temperature, with_entropy=with_entropy)
+        s = token_stats(logits_BCV, targets_BC, temperature=temperature, with_entropy=with_entropy,
+                        backward=backward)
         entropy_BC = s.entropy_BT if with_entropy else jnp.zeros_like(s.logprob_BT)
         return s.logprob_BT, s.logsumexp_BT, s.correct_BT, entropy_BC
 

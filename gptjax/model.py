@@ -31,6 +31,9 @@ REMAT_POLICIES: dict[str, Any] = {
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# How the LM losses' gradient reaches the logits (gptjax.losses.token_stats): JAX's autodiff of the expressions,
+# or a hand-written single-pass backward (gptjax.losses.target_logprob).
+XENT_BACKWARDS = ("autodiff", "fused")
 ATTENTION_KINDS = ("dense", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -66,6 +69,10 @@ class GPTConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (and the optimizer's master copy)
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     remat: str = "none"  # one of REMAT_POLICIES
+    # Backward of the cross-entropy over the vocabulary (one of XENT_BACKWARDS). "fused" never writes exp(logits)
+    # or a one-hot buffer, at the cost of a second exp: meant for memory-bound GPUs/TPUs, 30% slower on XLA:CPU
+    # (exp is compute-bound there), not yet timed on a GPU (scripts/gpu_bench.sh runs the A/B).
+    xent_backward: str = "autodiff"
     init_std: float = 0.02  # N(0, init_std) for weights; residual projections also / sqrt(2 * num_layers)
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
 
@@ -85,7 +92,7 @@ class GPTConfig:
                 f"(e.g. d_head={self.d_model // self.num_heads}) or choose num_heads among "
                 f"{[h for h in range(1, min(self.d_model, 128) + 1) if self.d_model % h == 0]}")
         for name, choices in (("remat", tuple(REMAT_POLICIES)), ("attention_impl", ATTENTION_IMPLS),
-                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                              ("dtype", DTYPES), ("param_dtype", DTYPES), ("xent_backward", XENT_BACKWARDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; valid choices: {list(choices)}")
         bad = [k for k in self.attention_pattern if k not in ATTENTION_KINDS]

@@ -6,9 +6,9 @@
 # Needs the repository and a Python with jax[cuda] and the requirements (PY, default .venv/bin/python, else
 # python3). Each config runs in its own process (so each row's peak memory is its own), most important first;
 # the whole script stays inside BUDGET_S seconds (default 540: a 10-minute slot with start-up to spare) and skips
-# what no longer fits. After the table's rows come variants that measure our choices (scanned layers, one decode
-# loop, decoding through the layer scan, packed-document masks, the SFT/RM steps, the chunked LM loss, CUDA-graph
-# loops) while time is left (EXTRA=0 skips them).
+# what no longer fits. After the table's rows come variants that measure our choices (the fused cross-entropy
+# backward, scanned layers, one decode loop, decoding through the layer scan, packed-document masks, the SFT/RM
+# steps, the chunked LM loss, CUDA-graph loops) while time is left (EXTRA=0 skips them).
 # OUT_DIR gets few files (some runners copy back only a handful): table.md and all.json (every row, at the end),
 # runs.jsonl (each run's results appended as it ends: survives the script being killed; experiments.bench
 # --merge=OUT_DIR/runs.jsonl prints its table), runs.log (every run's output), machine.txt, skipped.txt.
@@ -115,6 +115,7 @@ else
   fi
   # Variants, while time is left: what packing-aware masks, the flags and CUDA-graph loops change.
   if [[ "$EXTRA" == 1 ]]; then
+    run gpt2-124m-b48 fused-xent 120 "$FLAGS" --config.model.xent_backward=fused
     run gpt2-124m-b48 scanned 120 "$FLAGS" --config.model.scan_layers=True
     run ppo-124m one-decode-loop 200 "$FLAGS" --config.sample.decode_segments=1
     run sample-124m scanned-decode 100 "$FLAGS" --config.sample.unroll_layers=False --config.model.scan_layers=True

@@ -50,10 +50,11 @@ def token_stats_of(params, tokens_BT, targets_BT, *, model: GPT, positions_BT=No
                                                rngs=rngs, method=_hidden_and_embedding)
         return losses.chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, chunk=loss_chunk,
                                           dtype=jnp.dtype(model.cfg.dtype), temperature=temperature,
-                                          with_entropy=with_entropy)
+                                          with_entropy=with_entropy, backward=model.cfg.xent_backward)
     logits_BTV, _ = model.apply(variables, tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic,
                                 rngs=rngs)
-    return losses.token_stats(logits_BTV, targets_BT, temperature=temperature, with_entropy=with_entropy)
+    return losses.token_stats(logits_BTV, targets_BT, temperature=temperature, with_entropy=with_entropy,
+                              backward=model.cfg.xent_backward)
 
 
 def lm_token_stats(params, batch, rng, *, model: GPT, deterministic: bool = False,
