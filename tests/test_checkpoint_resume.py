@@ -193,6 +193,8 @@ def test_config_check_unit(tmp_path):
     with pytest.raises(workdir_lib.ConfigMismatchError) as e:
         workdir_lib.check_or_write_config(wd, changed)
     assert "2 field(s) differ" in str(e.value) and "model.d_model: stored '<absent>' -> now 64" in str(e.value)
+    # A field added to the code since (left at None, its default) is no difference.
+    workdir_lib.check_or_write_config(wd, {**cfg, "model": {"xent_backward": None}})
     assert json.load(open(os.path.join(wd, "config.json")))["optim"]["lr"] == 1e-3
     workdir_lib.check_or_write_config(wd, changed, allow_change=True)
     assert json.load(open(os.path.join(wd, "config.json")))["optim"]["lr"] == 2e-3

@@ -56,14 +56,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(stored: Mapping, new: Mapping, ignore=RESTART_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
-    """[(field, stored value, new value)] for every differing field not in ``ignore`` (missing = '<absent>')."""
+    """[(field, stored value, new value)] for every differing field not in ``ignore`` (missing = '<absent>').
+
+    A field the stored config lacks and the new one leaves at None is no difference: None is "the default"
+    (e.g. the preset's value), which is what a run written before the field existed used — so upgrading the
+    code does not lock a run out of its own workdir."""
     a, b = _flatten(stored), _flatten(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if va != vb:
+        if va != vb and not (key not in a and vb is None):
             diffs.append((key, va, vb))
     return diffs
 
