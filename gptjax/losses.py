@@ -81,8 +81,8 @@ def _target_logprob_bwd(temperature, residuals, cotangents):
     logits_BTV, targets_BT, lse_BT = residuals
     g_logprob_BT, g_lse_BT = (g.astype(jnp.float32) for g in cotangents)
     probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) / temperature - lse_BT[..., None])
-    vocab_V = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
-    onehot_BTV = vocab_V == targets_BT[..., None].astype(jnp.int32)
+    vocab_ids_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
+    onehot_BTV = vocab_ids_BTV == targets_BT[..., None].astype(jnp.int32)
     dscaled_BTV = (g_lse_BT - g_logprob_BT)[..., None] * probs_BTV + jnp.where(onehot_BTV, g_logprob_BT[..., None], 0.0)
     return (dscaled_BTV / temperature).astype(logits_BTV.dtype), None
 
