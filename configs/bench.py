@@ -21,7 +21,7 @@ import ml_collections
 from configs import common
 
 GPT2_PADDED_VOCAB = 50304
-ALL_WORKLOADS = "pretrain,sft,reward,ppo,sample"
+ALL_WORKLOADS = "pretrain,sft,reward,ppo,sample,loop"
 
 
 def base_config(preset: str, seq_len: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -57,6 +57,10 @@ def base_config(preset: str, seq_len: int, batch_size: int) -> ml_collections.Co
     c.ppo.max_new_tokens = 16  # response tokens per episode (no EOS: every episode runs the full length)
     c.ppo.loss_chunk = 0  # PPOConfig.loss_chunk: vocabulary projection this many positions at a time
     c.optim = common.optim_config()  # AdamW as in training (gptjax/train/optim.py)
+    # The loop workload (run_training itself): its trainer settings; batch_size, seq_len, steps, log_every and
+    # checkpointing (once, at the end) are set from this config's fields.
+    c.train = common.train_config()
+    c.loop_log_every = 10  # loop workload: steps per log interval; warmup + repeats intervals, repeats timed
     c.mesh = common.mesh_config((1, 1, 1))  # (data, fsdp, tensor) over the first prod(shape) devices
     c.warmup = 2  # untimed calls after compiling (allocator, autotuning caches)
     c.repeats = 5  # timed calls; the median is reported
@@ -91,6 +95,7 @@ def _cpu_tiny() -> ml_collections.ConfigDict:
     c.ppo.prompt_len, c.ppo.max_new_tokens = 8, 8
     c.sample.param_dtype = ""  # float32 on CPU
     c.warmup, c.repeats = 1, 3
+    c.loop_log_every = 4
     return c
 
 

@@ -8,7 +8,10 @@ Workloads (each the exact jitted function training uses, on synthetic data alrea
 - ``ppo``: ``train.ppo_loop.make_experience_fn`` (KV-cache rollout + policy/reference/value/reward scoring + GAE)
   and ``make_update_fn`` (clipped policy/value updates over the rollout batch, state donated), reported as
   ``ppo-rollout``, ``ppo-update`` and the whole iteration ``ppo`` with the rollout's share of its time;
-- ``sample``: ``sampling.make_sampler`` (prefill + ``lax`` decode loop over a preallocated cache).
+- ``sample``: ``sampling.make_sampler`` (prefill + ``lax`` decode loop over a preallocated cache);
+- ``loop``: pretraining through ``train.loop.run_training`` itself — host loop, device prefetch from a host
+  iterator, metrics and reporting — timed by the trainer's own per-interval tokens/s (warm-up intervals
+  dropped), so it shows what the loop costs on top of the ``pretrain`` step.
 
 Method: every function is lowered and compiled ahead of time (``compile_s`` = trace + lower + compile, autotuning
 included on GPU), run ``warmup`` times, then timed ``repeats`` times, each call ended by ``block_until_ready`` (the
@@ -36,6 +39,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -51,7 +55,7 @@ from gptjax.train import loop
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
 
-WORKLOADS = ("pretrain", "sft", "reward", "ppo", "sample")
+WORKLOADS = ("pretrain", "sft", "reward", "ppo", "sample", "loop")
 SCHEMA = "gptjax.bench/1"
 # A program "fits" when it needs at most this share of the device's memory (the rest: allocator fragmentation).
 FIT_FRACTION = 0.97
@@ -563,6 +567,66 @@ def _bench_train(ctx: _Context, workload: str) -> Result:
     raise AssertionError("unreachable: the last candidate always returns")  # pragma: no cover
 
 
+class _CyclingBatches:
+    """A host iterator that costs nothing: the same few microbatches in turn (the loop, not data, is measured)."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches, self._pos = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self._batches[self._pos % len(self._batches)]
+        self._pos += 1
+        return batch
+
+
+def _bench_loop(ctx: _Context) -> Result:
+    """``pretrain`` as ``run_training`` runs it, in a throw-away workdir: ``warmup + repeats`` log intervals of
+    ``loop_log_every`` steps; each timed interval's rate is the trainer's ``perf/tokens_per_s`` (measured between
+    device completions; the first step, compilation included, is ``compile_s``)."""
+    import tempfile
+
+    from gptjax.train import metrics as metrics_lib
+
+    c = ctx.c
+    cfg = model_config(c)
+    rows, T, accum = int(c.batch_size), int(c.seq_len), int(c.grad_accum_steps)
+    if rows % accum:
+        raise ConfigError(f"batch {rows} is not divisible by grad_accum_steps={accum}")
+    every, warmup, repeats = int(c.loop_log_every), int(c.warmup), int(c.repeats)
+    if every < 2 or repeats < 1:
+        raise ConfigError(f"the loop workload needs loop_log_every >= 2 and repeats >= 1 (got {every}, {repeats})")
+    rng = np.random.default_rng(c.seed)
+    micro = rows // accum
+    batches = [lm_batch(rng, micro, T, cfg.vocab_size, int(c.pretrain_segments)) for _ in range(4)]
+    run_cfg = ml_collections.ConfigDict({"train": c.train.to_dict(), "optim": c.optim.to_dict(),
+                                         "mesh": c.mesh.to_dict()})
+    steps = every * (warmup + repeats)
+    run_cfg.train.update(seed=int(c.seed), batch_size=rows, seq_len=T, steps=steps, log_every=every,
+                         ckpt_every=steps, keep_ckpts=1)
+    run_cfg.optim.grad_accum_steps = accum
+    module = GPT(cfg)
+    loss_fn = functools.partial(lm_loss, model=module, loss_chunk=int(c.loss_chunk))
+    fpt = flops_lib.flops_per_token(cfg, T)
+    with tempfile.TemporaryDirectory(prefix="gptjax_bench_loop_") as workdir:
+        loop.run_training(run_cfg, workdir, model=module, loss_fn=loss_fn, train_iter=_CyclingBatches(batches),
+                          mesh=ctx.mesh, flops_per_token=fpt)
+        records = [r for r in metrics_lib.read_metrics(workdir) if "train/loss" in r]
+    first_s = records[0].get("perf/first_step_s")
+    timed = [r for r in records if r.get("perf/tokens_per_s")][-repeats:]
+    tokens = rows * T
+    times = [tokens / r["perf/tokens_per_s"] for r in timed]  # seconds per step, one value per interval
+    step_s = statistics.median(times)
+    return ctx.result("loop", model=describe(cfg, c.model.preset), batch=rows, seq_len=T, tokens_per_call=tokens,
+                      step_s=step_s, step_s_all=times, tokens_per_s=tokens / step_s, flops_per_token=fpt,
+                      mfu=ctx.mfu(tokens / step_s, fpt), peak_bytes=_peak_bytes(ctx.devices), compile_s=first_s,
+                      extra={"log_every": every, "intervals_timed": len(timed), "grad_accum_steps": accum,
+                             "loss_chunk": int(c.loss_chunk), "segments": int(c.pretrain_segments),
+                             "note": "run_training's host loop; step_s per interval; compile_s = first step"})
+
+
 def _bench_sample(ctx: _Context) -> Result:
     c, s = ctx.c, ctx.c.sample
     cfg = model_config(c)
@@ -703,6 +767,8 @@ def run(c, workloads: Sequence[str] | str | None = None, *, label: str = "",
                 rows = [_bench_train(ctx, name)]
             elif name == "sample":
                 rows = [_bench_sample(ctx)]
+            elif name == "loop":
+                rows = [_bench_loop(ctx)]
             else:
                 rows = _bench_ppo(ctx)
         except ConfigError:

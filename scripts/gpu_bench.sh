@@ -7,7 +7,7 @@
 # python3). Each config runs in its own process (so each row's peak memory is its own), most important first;
 # the whole script stays inside BUDGET_S seconds (default 540: a 10-minute slot with start-up to spare) and skips
 # what no longer fits. After the table's rows come variants that measure our choices (the fused cross-entropy
-# backward, scanned layers, one decode loop, decoding through the layer scan, packed-document masks, the SFT/RM
+# backward, the trainer's host loop against its step alone, scanned layers, one decode loop, decoding through the layer scan, packed-document masks, the SFT/RM
 # steps, the chunked LM loss, CUDA-graph loops) while time is left (EXTRA=0 skips them).
 # OUT_DIR gets few files (some runners copy back only a handful): table.md and all.json (every row, at the end),
 # runs.jsonl (each run's results appended as it ends: survives the script being killed; experiments.bench
@@ -116,6 +116,7 @@ else
   # Variants, while time is left: what packing-aware masks, the flags and CUDA-graph loops change.
   if [[ "$EXTRA" == 1 ]]; then
     run gpt2-124m-b48 fused-xent 120 "$FLAGS" --config.model.xent_backward=fused
+    run gpt2-124m-b12 loop 150 "$FLAGS" --workloads=pretrain,loop
     run gpt2-124m-b48 scanned 120 "$FLAGS" --config.model.scan_layers=True
     run ppo-124m one-decode-loop 200 "$FLAGS" --config.sample.decode_segments=1
     run sample-124m scanned-decode 100 "$FLAGS" --config.sample.unroll_layers=False --config.model.scan_layers=True

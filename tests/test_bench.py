@@ -51,7 +51,8 @@ def test_cpu_tiny_all_workloads_write_the_schema(tmp_path):
         assert key in raw["meta"]
     assert all(set(row) == set(bench.RESULT_FIELDS) for row in raw["results"])
     meta, rows = bench.read_json(str(path))
-    assert [r.workload for r in rows] == ["pretrain", "sft", "reward", "ppo-rollout", "ppo-update", "ppo", "sample"]
+    assert [r.workload for r in rows] == ["pretrain", "sft", "reward", "ppo-rollout", "ppo-update", "ppo", "sample",
+                                          "loop"]
     assert [r.workload for r in seen] == [r.workload for r in rows]
 
     by_name = {r.workload: r for r in rows}
@@ -67,6 +68,9 @@ def test_cpu_tiny_all_workloads_write_the_schema(tmp_path):
         assert r.device_kind == "cpu" and r.num_devices == 1
     for name in ("pretrain", "sft", "reward", "sample", "ppo-rollout", "ppo-update"):
         assert by_name[name].program_bytes > 0
+    # The loop row is run_training's own report: `repeats` timed log intervals of the pretraining step's shape.
+    assert by_name["loop"].extra["intervals_timed"] == c.repeats
+    assert by_name["loop"].tokens_per_call == by_name["pretrain"].tokens_per_call
 
     T, B = c.seq_len, c.batch_size
     assert by_name["pretrain"].tokens_per_call == B * T == by_name["sft"].tokens_per_call
