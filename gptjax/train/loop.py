@@ -240,9 +240,9 @@ class _Reporter:
     (finished long ago). Checks the NaN guard's counter while doing so.
 
     Rates are measured between *completion* times of interval boundaries (the run's first step, then each
-    interval's last step), never host dispatch times: the host may be up to an interval ahead of the device (GPU,
-    TPU) or in lock-step with it (XLA:CPU), and dispatch times would misreport the first and last intervals on
-    one or the other. A boundary's completion is stamped the first time it is seen ready: polled without
+    interval's last step), never host dispatch times: the host may run an interval ahead of the device, a few
+    steps (XLA:CPU bounds the steps in flight) or none, and dispatch times would misreport the first and last
+    intervals. A boundary's completion is stamped the first time it is seen ready: polled without
     blocking at every step, or waited for when its interval is reported. The first step's time (compilation
     included) goes in the first record as ``perf/first_step_s`` and is kept out of the rates."""
 
@@ -257,6 +257,7 @@ class _Reporter:
         self._first: int | None = None  # this run's first step (after a resume: the step after the checkpoint)
         self._first_step_s: float | None = None  # start to the first step's completion; goes in the first record
         self._unstamped: list[tuple[int, Any]] = []  # boundaries (step, a metric array) not yet seen complete
+        self._last_watched: int | None = None  # the latest boundary step handed to _watch
         self._stamps: dict[int, float] = {}  # boundary step -> when it was first seen complete
         self._origin: int | None = None  # the boundary the next reported interval's rate is measured from
         self.last: dict[str, float] = {}  # the last reported train scalars
@@ -264,11 +265,11 @@ class _Reporter:
     def add(self, step: int, metrics: dict, tokens: int) -> None:
         if self._first is None:  # the run's first step: the rates start where it ends
             self._first = self._origin = step
-            self._unstamped.append((step, jax.tree.leaves(metrics)[0]))
+            self._watch(step, metrics)
         self._pending.append((step, metrics, tokens))
         closes = step % int(self._t.log_every) == 0 or step == int(self._t.steps)
-        if closes and step != self._first:
-            self._unstamped.append((step, jax.tree.leaves(metrics)[0]))
+        if closes:
+            self._watch(step, metrics)
         self._poll()
         if closes:
             for x in jax.tree.leaves([m for _, m, _ in self._pending]):
@@ -280,7 +281,14 @@ class _Reporter:
     def finish(self) -> None:
         entries, self._queued, self._pending = self._queued + self._pending, [], []
         if entries:
+            self._watch(*entries[-1][:2])  # the data ran out mid-interval: its last step ends the report
             self._report(entries, final=True)
+
+    def _watch(self, step: int, metrics: dict) -> None:
+        """Makes ``step`` a boundary whose completion time is taken (once; boundaries come in step order)."""
+        if step != self._last_watched:
+            self._last_watched = step
+            self._unstamped.append((step, jax.tree.leaves(metrics)[0]))
 
     def _poll(self) -> None:
         """Stamps the boundaries that completed since the last look (in order: a later one is never ready first)."""
@@ -315,8 +323,6 @@ class _Reporter:
     def _report(self, entries, final: bool) -> None:
         t = self._t
         start_step, end_step = self._origin, entries[-1][0]
-        if final and end_step not in self._stamps and all(s != end_step for s, _ in self._unstamped):
-            self._unstamped.append((end_step, jax.tree.leaves(entries[-1][1])[0]))  # a last, partial interval
         start_time, end_time = self._wait_for(start_step), self._wait_for(end_step)
         self._origin = end_step
         self._stamps = {s: v for s, v in self._stamps.items() if s >= end_step}
