@@ -315,16 +315,20 @@ class RecordingWriter:
 @pytest.mark.parametrize("host", ["runs-ahead", "3-in-flight", "lock-step"])
 @pytest.mark.parametrize("steps,log_every", [(40, 10), (37, 10), (10, 1), (10, 10)])
 @pytest.mark.parametrize("checkpoints", [False, True])
-def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps, log_every, checkpoints):
+@pytest.mark.parametrize("data_runs_out", [False, True])
+def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps, log_every, checkpoints,
+                                                                     data_runs_out):
     # The device takes 1 s per step after a 5 s compile. The host dispatches ahead of it (0.01 s per step) and
     # only waits when the reporter reads; or it may have only 3 steps in flight (XLA:CPU's PjRt client bounds
     # them: its run-ahead is shorter than a log interval); or each call returns when its step is done. With
     # checkpoints, the host also waits for every 7th and the last step (a save), settling the reporter first as
-    # run_training does. Every interval's reported rate must be the device's 1,000 tok/s in each case — the
+    # run_training does. When the data runs out, the run ends 5 steps short of train.steps, mid-interval.
+    # Every interval's reported rate must be the device's 1,000 tok/s in each case — the
     # first (compilation excluded) and the last included — and the first step's time must be reported on its own.
     compile_s, step_s, dispatch_s, tokens = 5.0, 1.0, 0.01, 1000
     device = SimulatedDevice()
-    cfg = type("T", (), dict(log_every=log_every, steps=steps, seq_len=10, max_consecutive_bad_steps=3))
+    cfg = type("T", (), dict(log_every=log_every, steps=steps + 5 * data_runs_out, seq_len=10,
+                             max_consecutive_bad_steps=3))
     writer = RecordingWriter()
     reporter = loop._Reporter(writer, cfg, flops_per_token=None, peak_flops_total=None,
                               latest_checkpoint=lambda: None, clock=device.clock)
@@ -344,7 +348,10 @@ def test_reported_tokens_per_s_is_the_device_rate_in_every_interval(host, steps,
     reporter.finish()
 
     records = writer.records
-    assert [r["step"] for r in records] == sorted({*range(log_every, steps + 1, log_every), steps})
+    logged = sorted({*range(log_every, steps + 1, log_every), steps})
+    if data_runs_out and steps % log_every:
+        logged.pop(-2)  # the last full interval and the partial one after it are reported together
+    assert [r["step"] for r in records] == logged
     assert records[0]["perf/first_step_s"] == pytest.approx(compile_s + step_s, abs=0.05)
     assert all("perf/first_step_s" not in r for r in records[1:])
     rates = [r.get("perf/tokens_per_s") for r in records]
