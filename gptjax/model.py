@@ -70,8 +70,9 @@ class GPTConfig:
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     remat: str = "none"  # one of REMAT_POLICIES
     # Backward of the cross-entropy over the vocabulary (one of XENT_BACKWARDS). "fused" never writes exp(logits)
-    # or a one-hot buffer, at the cost of a second exp: meant for memory-bound GPUs/TPUs, 30% slower on XLA:CPU
-    # (exp is compute-bound there), not yet timed on a GPU (scripts/gpu_bench.sh runs the A/B).
+    # or a one-hot buffer, at the cost of a second exp: meant for memory-bound GPUs/TPUs; on XLA:CPU, where exp is
+    # compute-bound, 30-40% slower with a 16k vocabulary (README, Performance). Not yet timed on a GPU
+    # (scripts/gpu_bench.sh runs the A/B).
     xent_backward: str = "autodiff"
     init_std: float = 0.02  # N(0, init_std) for weights; residual projections also / sqrt(2 * num_layers)
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
