@@ -19,8 +19,7 @@ import sys
 from absl import app, flags
 
 from gptjax import analysis
-from gptjax.data.chat import DataFormatError
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError, DataFormatError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to analyse (its workdir).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to analyse (default: the latest).")

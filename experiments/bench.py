@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import bench
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config, e.g. configs/bench.py:cpu-tiny.",
                                           lock_config=True)

@@ -14,8 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import overopt
-from gptjax.data.chat import DataFormatError
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError, DataFormatError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/overopt.py:default", "Study config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The seed-world pipeline workdir (run into if empty).")

@@ -53,7 +53,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from gptjax import plan as plan_lib  # noqa: E402
 from gptjax.assets import AssetMissingError  # noqa: E402
-from gptjax.model import ConfigError  # noqa: E402
+from gptjax.errors import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:gpt3-175b.",
                                           lock_config=True)

@@ -16,8 +16,7 @@ from ml_collections import config_flags
 
 from gptjax import distributed
 from gptjax.assets import AssetMissingError
-from gptjax.data.builders import DataError
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError, DataError
 from gptjax.train import loop, metrics as metrics_lib, runners, workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",

@@ -36,7 +36,8 @@ import numpy as np
 
 from gptjax import sampling, sharding
 from gptjax.data import chat, post_training
-from gptjax.model import GPT, ConfigError, ScoreModel, count_params, unstack_layers
+from gptjax.errors import ConfigError, DataFormatError
+from gptjax.model import GPT, ScoreModel, count_params, unstack_layers
 from gptjax.stages import rl
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import pairwise_accuracy, ranking_loss, sequence_rewards, shift_reward_bias
@@ -464,12 +465,12 @@ def read_answers(path: str) -> list[tuple[str, list[dict], str]]:
         elif "responses" in record and isinstance(record["responses"], list):
             responses = record["responses"]
         else:
-            raise post_training.DataFormatError(
+            raise DataFormatError(
                 f"{where}: expected {{\"prompt\": ..., \"response\": str}} or {{\"prompt\": ..., \"responses\": "
                 f"[str, ...]}} (present: {sorted(record)})")
         out += [(where, conversation, r) for r in responses]
     if not out:
-        raise post_training.DataFormatError(f"{path}: no answers found")
+        raise DataFormatError(f"{path}: no answers found")
     return out
 
 

@@ -47,7 +47,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import flops as flops_lib
 from gptjax import sampling as sample_lib
 from gptjax import sharding as sharding_lib
-from gptjax.model import GPT, REMAT_POLICIES, ConfigError, GPTConfig, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, REMAT_POLICIES, GPTConfig, ScoreModel
 from gptjax.presets import preset_config
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import reward_loss

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.data import chat
-from gptjax.model import GPT, ConfigError, init_cache
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, init_cache
 from gptjax.tokenizers import StreamDecoder, Tokenizer
 
 

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.model import GPT, ConfigError, GPTConfig, abstract_params, stack_layers, unstack_layers
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig, abstract_params, stack_layers, unstack_layers
 
 # Both names are the tanh approximation of GELU that GPT-2 was trained with (and gptjax computes).
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")

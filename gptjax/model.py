@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax.errors import ConfigError, dataclass_from_dict
+
 Array = jax.Array
 
 # Remat (activation checkpointing) policies, by config name. "save_dots" keeps every matmul output and
@@ -36,10 +38,6 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 XENT_BACKWARDS = ("autodiff", "fused")
 ATTENTION_KINDS = ("dense", "local")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A model/config field holds a value that cannot work; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +128,6 @@ class GPTConfig:
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
-
-
-def dataclass_from_dict(cls, fields: Mapping[str, Any], section: str):
-    """``cls(**fields)`` for a config dataclass; an unknown key is one error naming the config section."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown {section} config field(s) {unknown}; valid fields: {sorted(known)}")
-    return cls(**dict(fields))
 
 
 def _dtype(name: str):

@@ -43,7 +43,8 @@ from absl import logging
 from gptjax import analysis, sampling, sharding
 from gptjax.data import chat, post_training
 from gptjax.data import seed_world as world_lib
-from gptjax.model import GPT, ConfigError, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, ScoreModel
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
 from gptjax.train import pipeline, ppo_loop, runners

@@ -44,7 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import flops as flops_lib
 from gptjax import sharding as sharding_lib
-from gptjax.model import GPT, ConfigError, GPTConfig, count_params
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig, count_params
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.sft import sft_loss
 from gptjax.train import loop

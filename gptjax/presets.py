@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from gptjax.model import ConfigError, GPTConfig
+from gptjax.errors import ConfigError
+from gptjax.model import GPTConfig
 
 GPT2_VOCAB = 50257
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.model import GPT, ConfigError, init_cache, unstack_layers
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, init_cache, unstack_layers
 
 Array = jax.Array
 

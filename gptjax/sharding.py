@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -22,9 +22,9 @@ import pytest
 from configs import overopt as overopt_config
 from gptjax import analysis, overopt, sampling
 from gptjax.data import chat
-from gptjax.data.chat import DataFormatError
 from gptjax.data.pipeline import make_lm_iterator
-from gptjax.model import GPT, ConfigError, GPTConfig, ScoreModel, count_params
+from gptjax.errors import ConfigError, DataFormatError
+from gptjax.model import GPT, GPTConfig, ScoreModel, count_params
 from gptjax.stages.reward import shift_reward_bias
 from gptjax.train import pipeline, runners
 

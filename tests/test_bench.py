@@ -22,7 +22,7 @@ import pytest
 
 from configs.bench import CONFIGS, GPU_CONFIGS, get_config
 from gptjax import bench
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 H100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
 CPU = types.SimpleNamespace(platform="cpu", device_kind="cpu")

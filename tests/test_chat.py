@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gptjax.data import chat
+from gptjax.errors import DataFormatError
 from gptjax.tokenizers import make_tokenizer
 
 TOK = make_tokenizer("bytes")
@@ -75,12 +76,12 @@ def test_user_text_cannot_forge_special_tokens():
     ("hello", "must be a list"),
 ])
 def test_bad_conversations_raise_one_clear_error(conversation, message):
-    with pytest.raises(chat.DataFormatError, match="^data.jsonl:7: .*" + re.escape(message)):
+    with pytest.raises(DataFormatError, match="^data.jsonl:7: .*" + re.escape(message)):
         chat.render(conversation, TOK, where="data.jsonl:7")
 
 
 def test_prompt_must_end_with_user_turn():
-    with pytest.raises(chat.DataFormatError, match="must end with a user turn"):
+    with pytest.raises(DataFormatError, match="must end with a user turn"):
         chat.render_prompt(CONVERSATION, TOK)
-    with pytest.raises(chat.DataFormatError, match="non-empty"):
+    with pytest.raises(DataFormatError, match="non-empty"):
         chat.render_response("", TOK)

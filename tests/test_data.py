@@ -21,8 +21,8 @@ import pytest
 
 from gptjax import assets
 from gptjax.data import builders, packing
-from gptjax.data.builders import DataError
 from gptjax.data.pipeline import default_data_config, make_lm_iterator, resolve_data_config
+from gptjax.errors import DataError
 from gptjax.tokenizers import make_tokenizer
 
 TOK = make_tokenizer("bytes")

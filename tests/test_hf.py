@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from gptjax import hf
-from gptjax.model import GPT, ConfigError, GPTConfig
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -208,7 +208,7 @@ def test_fused_backward_keeps_no_exp_or_one_hot_buffer():
 
 
 def test_unknown_xent_backward_is_one_clear_error():
-    from gptjax.model import ConfigError
+    from gptjax.errors import ConfigError
     from gptjax.presets import preset_config
 
     with pytest.raises(ConfigError, match=r"xent_backward='fast' is unknown; valid choices: \['autodiff', 'fused'\]"):

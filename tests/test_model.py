@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gptjax import model as M
+from gptjax.errors import ConfigError
 from gptjax.presets import PRESETS, get_preset, preset_config
 
 
@@ -204,19 +205,19 @@ def test_last_valid_index():
     (dict(num_layers=3, attention_pattern=("dense", "local")), "multiple of len(model.attention_pattern)"),
 ])
 def test_bad_config_raises_one_clear_error(fields, needle):
-    with pytest.raises(M.ConfigError, match=None) as e:
+    with pytest.raises(ConfigError, match=None) as e:
         preset_config("tiny", **fields)
     assert needle in str(e.value)
 
 
 def test_unknown_preset_and_field_and_too_long_sequence():
-    with pytest.raises(M.ConfigError, match="valid presets: .*gpt2-small"):
+    with pytest.raises(ConfigError, match="valid presets: .*gpt2-small"):
         get_preset("gpt4")
-    with pytest.raises(M.ConfigError, match="unknown model config field.*n_layers"):
+    with pytest.raises(ConfigError, match="unknown model config field.*n_layers"):
         M.GPTConfig.from_dict({"n_layers": 3})
     cfg = preset_config("tiny")
     m, params = _init(cfg)
-    with pytest.raises(M.ConfigError, match="exceeds model.max_len=128"):
+    with pytest.raises(ConfigError, match="exceeds model.max_len=128"):
         m.apply({"params": params}, jnp.zeros((1, 129), jnp.int32))
-    with pytest.raises(M.ConfigError, match="exceeds model.max_len"):
+    with pytest.raises(ConfigError, match="exceeds model.max_len"):
         M.init_cache(cfg, 1, 200)

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax.model import GPT, ConfigError, ScoreModel, abstract_params
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, ScoreModel, abstract_params
 from gptjax.presets import preset_config
 from gptjax.train.optim import BatchRamp, decay_mask, lr_schedule, make_optimizer
 

@@ -18,7 +18,8 @@ import pytest
 from configs import overopt as overopt_config
 from gptjax import analysis, overopt
 from gptjax.data import seed_world as world_lib
-from gptjax.model import ConfigError, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import ScoreModel
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import pipeline
 

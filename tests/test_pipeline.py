@@ -17,7 +17,7 @@ from configs import chatgpt as chatgpt_config
 from gptjax import sampling
 from gptjax.chat_session import ChatSession, run_repl
 from gptjax.data import chat
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import pipeline, runners
 

@@ -22,7 +22,8 @@ import pytest
 from configs.pretrain import get_config
 from gptjax import flops as flops_lib
 from gptjax import plan as plan_lib
-from gptjax.model import ConfigError, GPT
+from gptjax.errors import ConfigError
+from gptjax.model import GPT
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
 

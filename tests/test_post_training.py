@@ -15,7 +15,7 @@ import pytest
 
 from gptjax.data import chat
 from gptjax.data import post_training as pt
-from gptjax.data.chat import DataFormatError
+from gptjax.errors import DataFormatError
 from gptjax.tokenizers import make_tokenizer
 
 TOK = make_tokenizer("bytes")

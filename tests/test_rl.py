@@ -18,7 +18,8 @@ import optax
 import pytest
 import rlax
 
-from gptjax.model import GPT, ConfigError, GPTConfig, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.stages import ppo, rl
 
 PAD = 9.0  # garbage at padded positions: results must not depend on it

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gptjax.model import GPT, ConfigError, unstack_layers
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, unstack_layers
 from gptjax.presets import preset_config
 from gptjax.sampling import SamplingConfig, left_pad, make_sampler, prompt_and_response
 

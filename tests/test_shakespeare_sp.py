@@ -10,7 +10,7 @@ from configs import pretrain
 from gptjax import assets
 from gptjax.data import builders, shakespeare_sp
 from gptjax.data.pipeline import default_data_config
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 from gptjax.train import runners
 
 

@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
 from gptjax import distributed, sharding
-from gptjax.model import GPT, ConfigError, GPTConfig, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.sampling import SamplingConfig
 from gptjax.stages import ppo as ppo_lib
 from gptjax.stages.pretrain import lm_loss

@@ -18,7 +18,8 @@ import pytest
 
 from configs.pretrain import get_config
 from gptjax import sharding
-from gptjax.model import GPT, ConfigError, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, ScoreModel
 from gptjax.presets import preset_config
 from gptjax.stages.pretrain import lm_loss
 from gptjax.train import checkpoint as ckpt_lib

@@ -31,15 +31,12 @@ from typing import Any, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from gptjax import assets
+from gptjax.errors import DataError
 
 SOURCES = ("text_files", "shakespeare", "tfds")
 SPLITS = ("train", "validation")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 FILE_FORMAT = "array_record"
-
-
-class DataError(ValueError):
-    """Bad data configuration or input file; the message names the field/file/line and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------- documents

@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from gptjax.errors import DataFormatError
+
 ROLES = ("system", "user", "assistant")
 Conversation = Sequence[Mapping[str, Any]]
-
-
-class DataFormatError(ValueError):
-    """Bad post-training input; the message names where (file:line or record index) and how to fix it."""
 
 
 def _role_token(role: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptjax.data.builders import DataError
+from gptjax.errors import DataError
 
 
 def local_rows(global_batch_size: int, process_index: int | None = None,

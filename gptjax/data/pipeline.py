@@ -22,7 +22,7 @@ import grain
 import ml_collections
 
 from gptjax.data import builders, hosts, packing
-from gptjax.data.builders import DataError
+from gptjax.errors import DataError
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.data import chat, hosts
-from gptjax.data.chat import DataFormatError
+from gptjax.errors import DataFormatError
 
 MAX_RANKED = 9  # InstructGPT ranks K = 4..9 outputs per prompt; 2 is the pairwise minimum
 MIN_RANKED = 2

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import rlax
 
-from gptjax.model import GPT, ConfigError, ScoreModel, dataclass_from_dict
+from gptjax.errors import ConfigError, dataclass_from_dict
+from gptjax.model import GPT, ScoreModel
 from gptjax.stages import rl
 from gptjax.stages.pretrain import lm_loss, require_keys, token_stats_of
 

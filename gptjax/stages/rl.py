@@ -20,7 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gptjax.model import ConfigError, last_valid_index
+from gptjax.errors import ConfigError
+from gptjax.model import last_valid_index
 
 Array = jax.Array
 

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 CKPT_DIR = "checkpoints"
 ITEMS = ("state", "data_iter", "config", "extras")

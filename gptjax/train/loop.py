@@ -38,7 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gptjax import flops as flops_lib
 from gptjax import sharding as sharding_lib
-from gptjax.model import ConfigError, GPTConfig, count_params
+from gptjax.errors import ConfigError
+from gptjax.model import GPTConfig, count_params
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
 from gptjax.train import state as state_lib

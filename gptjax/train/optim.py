@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 DECAYED_PARAM_NAMES = ("kernel", "embedding", "lm_head")
 UNDECAYED_PARAM_NAMES = ("bias", "scale")

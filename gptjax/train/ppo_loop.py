@@ -33,8 +33,9 @@ import optax
 from absl import logging
 
 from gptjax import sharding as sharding_lib
-from gptjax.model import GPT, ConfigError, ScoreModel
 from gptjax import sampling as sample_lib
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, ScoreModel
 from gptjax.sampling import SamplingConfig, prompt_and_response
 from gptjax.stages import ppo as ppo_lib
 from gptjax.stages import rl

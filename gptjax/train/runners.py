@@ -24,7 +24,8 @@ import numpy as np
 from gptjax import sampling, sharding
 from gptjax.data import chat, post_training, shakespeare_sp
 from gptjax.data.pipeline import make_lm_iterator
-from gptjax.model import GPT, ConfigError, GPTConfig, ScoreModel
+from gptjax.errors import ConfigError
+from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.presets import preset_config
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import fit_reward_bias, reward_loss, shift_reward_bias

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from gptjax.model import ConfigError
+from gptjax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 
