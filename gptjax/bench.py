@@ -376,9 +376,8 @@ def ranking_batch(rng: np.random.Generator, prompts: int, k: int, seq_len: int, 
 def left_padded_prompts(rng: np.random.Generator, rows: int, length: int, vocab: int):
     """Prompts of [length/2, length] real tokens, left-padded to ``length`` (pad id 0)."""
     lengths = rng.integers(max(length // 2, 1), length + 1, rows)
-    valid = np.arange(length)[None, :] >= (length - lengths)[:, None]
-    tokens = np.where(valid, rng.integers(1, vocab, (rows, length)), 0).astype(np.int32)
-    return tokens, valid
+    ids = rng.integers(1, vocab, (rows, length))
+    return sample_lib.left_pad([row[length - n:] for row, n in zip(ids, lengths)], 0, length=length)
 
 
 def _cast_floats(tree, dtype):

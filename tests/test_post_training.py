@@ -16,6 +16,7 @@ import pytest
 from gptjax.data import chat
 from gptjax.data import post_training as pt
 from gptjax.errors import DataFormatError
+from gptjax.sampling import left_pad
 from gptjax.tokenizers import make_tokenizer
 
 TOK = make_tokenizer("bytes")
@@ -207,7 +208,7 @@ def test_prompts_and_left_pad(tmp_path):
     prompts = pt.prompt_examples(path, TOK, 64)
     np.testing.assert_array_equal(prompts[0], chat.render_prompt(chat.user_turn("Is 27 prime?"), TOK))
     assert all(p[-1] == TOK.special_id("<|assistant|>") for p in prompts)
-    tokens_BT, valid_BT = pt.left_pad(prompts, TOK.pad_id)
+    tokens_BT, valid_BT = left_pad(prompts, TOK.pad_id)
     assert tokens_BT.shape == (2, max(map(len, prompts)))
     for b, p in enumerate(prompts):
         np.testing.assert_array_equal(tokens_BT[b, valid_BT[b]], p)

@@ -362,7 +362,8 @@ def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *,
 
 
 def prompt_examples(source: Source, tokenizer, max_prompt_len: int) -> list[np.ndarray]:
-    """Token ids (int32) of each prompt, ending with <|assistant|>, in source order; see `left_pad`."""
+    """Token ids (int32) of each prompt, ending with <|assistant|>, in source order; ``gptjax.sampling.left_pad``
+    makes a batch of them."""
     prompts = []
     for where, record in iter_records(source):
         tokens = chat.render_prompt(parse_prompt(where, record), tokenizer, where=where)
@@ -373,21 +374,6 @@ def prompt_examples(source: Source, tokenizer, max_prompt_len: int) -> list[np.n
     if not prompts:
         raise DataFormatError(f"{source}: no prompts found")
     return prompts
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int,
-             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads prompts to one length (default: the longest) -> (tokens_BT int32, valid_BT bool)."""
-    length = max(len(t) for t in token_lists) if length is None else length
-    tokens_BT = np.full((len(token_lists), length), pad_id, np.int32)
-    valid_BT = np.zeros((len(token_lists), length), bool)
-    for b, tokens in enumerate(token_lists):
-        if len(tokens) > length:
-            raise ValueError(f"prompt {b} is {len(tokens)} tokens > length {length}")
-        if len(tokens):
-            tokens_BT[b, -len(tokens):] = tokens
-            valid_BT[b, -len(tokens):] = True
-    return tokens_BT, valid_BT
 
 
 # ----------------------------------------------------------------------------------------------------------------

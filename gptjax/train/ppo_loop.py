@@ -65,17 +65,6 @@ class PPOResult:
     workdir: str
 
 
-def _pad_prompts(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """All prompts left-padded to one length (the longest), so every iteration compiles once."""
-    P = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), P), pad_id, np.int32)
-    valid = np.zeros((len(prompts), P), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = p
-        valid[i, P - len(p):] = True
-    return tokens, valid
-
-
 def make_experience_fn(policy_model: GPT, value_model: ScoreModel, reward_model: ScoreModel,
                        sampling_cfg: SamplingConfig, cfg: ppo_lib.PPOConfig):
     """(policy, ref, value, reward params, prompts, valid, key, kl_coef) -> rollout batch + metrics."""
@@ -168,7 +157,8 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
                                   top_k=int(cfg.sampling.top_k), top_p=float(cfg.sampling.top_p),
                                   eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
                                   decode_segments=int(cfg.sampling.get("decode_segments", 1)))
-    prompt_tokens, prompt_valid = _pad_prompts(prompts, pad_id)
+    # All prompts left-padded to one length (the longest), so every iteration compiles once.
+    prompt_tokens, prompt_valid = sample_lib.left_pad(prompts, pad_id)
     total_updates = t.steps * pcfg.ppo_epochs * pcfg.num_minibatches
     policy_tx, _ = make_optimizer(cfg.optim, total_updates, policy_params)
     value_tx, _ = make_optimizer(cfg.optim, total_updates, value_params)
