@@ -23,6 +23,15 @@ class DataFormatError(ValueError):
     """Bad post-training input; the message names where (file:line or record index) and how to fix it."""
 
 
+class BatchError(KeyError, ValueError):
+    """A batch lacks a field its objective reads, or holds one of the wrong rank or size (gptjax.data.batches).
+
+    A KeyError for a missing field and a ValueError for a malformed one; the message names the field."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def dataclass_from_dict(cls, fields: Mapping[str, Any], section: str):
     """``cls(**fields)`` for a config dataclass; an unknown key is one error naming the config section."""
     known = {f.name for f in dataclasses.fields(cls)}

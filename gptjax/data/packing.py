@@ -27,8 +27,10 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from gptjax.data import batches
+
 TOKENS = "tokens"  # feature name inside the packer; grain adds tokens_segment_ids / tokens_positions
-LM_FIELDS = ("inputs", "targets", "positions", "segment_ids", "weights")
+LM_FIELDS = batches.LM_BATCH.names  # inputs, targets, positions, segment_ids, weights
 
 
 def tokenize_document(document: Mapping[str, str], tokenizer: Any) -> dict[str, np.ndarray]:
@@ -49,7 +51,7 @@ def pack_rows(token_docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 
 def row_to_lm_example(row: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """One packed row of ``seq_len + 1`` tokens -> the LM batch fields of ``seq_len`` (interfaces.md)."""
+    """One packed row of ``seq_len + 1`` tokens -> the LM batch fields of ``seq_len`` (``batches.LM_BATCH``)."""
     tokens_T1 = row[TOKENS]
     segment_ids_T1 = row[f"{TOKENS}_segment_ids"]
     positions_T1 = row[f"{TOKENS}_positions"]

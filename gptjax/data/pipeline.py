@@ -3,7 +3,7 @@
 Built on grain datasets so the iterator state is small, JSON-serialisable and exact::
 
     it = make_lm_iterator(cfg.data, tok, split="train", global_batch_size=64, seq_len=256, seed=0)
-    batch = next(it)              # numpy dict of (64 // process_count, 256) arrays, see interfaces.md
+    batch = next(it)              # numpy dict of (64 // process_count, 256) arrays, see gptjax/data/batches.py
     state = it.get_state()        # save with the checkpoint
     it.set_state(state)           # on a fresh iterator from the same arguments: continues exactly there
 
@@ -79,7 +79,7 @@ def resolve_data_config(cfg: Any) -> ml_collections.ConfigDict:
 def make_lm_iterator(data_cfg: Any, tokenizer: Any, *, split: str, global_batch_size: int, seq_len: int,
                      seed: int, process_index: int | None = None, process_count: int | None = None,
                      num_epochs: int | None = None) -> grain.DatasetIterator:
-    """An iterator of this process's LM batches (interfaces.md), with ``get_state()``/``set_state()``.
+    """An iterator of this process's LM batches (``batches.LM_BATCH``), with ``get_state()``/``set_state()``.
 
     Each batch holds ``global_batch_size // process_count`` rows of ``seq_len`` tokens. ``num_epochs=None``
     repeats forever; a finite stream ends with a last batch padded by all-padding rows (weights 0).

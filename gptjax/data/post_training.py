@@ -12,7 +12,7 @@ Every reader takes a *source*: a JSONL path, a sequence of already-parsed record
 dataset built by `build_tfds` (which keeps each record's original "file:line"). Any bad record raises one
 DataFormatError naming its file:line (or "record i") and what to fix.
 
-Batches follow docs in interfaces.md: SFT gives LM batches (B, T) with several conversations packed per row (greedy
+Batches follow gptjax/data/batches.py: SFT gives LM batches (B, T) with several conversations packed per row (greedy
 first-fit; segment ids and positions restart per conversation, so attention never crosses conversations) and loss
 weights on assistant tokens only; rankings give (B, K, T) token/valid arrays plus `num_ranked` (B,).
 """

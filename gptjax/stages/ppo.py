@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import rlax
 
+from gptjax.data import batches
 from gptjax.errors import ConfigError, dataclass_from_dict
 from gptjax.model import GPT, ScoreModel
 from gptjax.stages import rl
-from gptjax.stages.pretrain import lm_loss, require_keys, token_stats_of
+from gptjax.stages.pretrain import lm_loss, token_stats_of
 
 Array = jax.Array
 
@@ -183,19 +184,16 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> Array:
     return 1.0 - rl.masked_var(returns_BT - values_BT, mask_BT) / jnp.maximum(var_returns, 1e-8)
 
 
-MINIBATCH_KEYS = ("tokens", "valid", "response_mask", "old_logprobs", "old_values", "advantages", "returns")
-
-
 def ppo_loss(policy_params, value_params, minibatch, rng, *, policy_model: GPT, value_model: ScoreModel,
              cfg: PPOConfig) -> tuple[Array, dict[str, Array]]:
     """policy loss + vf_coef · value loss (+ ptx_coef · LM loss on ``minibatch["ptx"]``), and metrics.
 
     Differentiate with ``jax.grad(ppo_loss, argnums=(0, 1), has_aux=True)``: policy and value model have their
-    own parameters. ``minibatch`` holds the fields of ``MINIBATCH_KEYS`` (B, T) and, when ``cfg.ptx_coef > 0``,
-    ``ptx``: an LM batch of pretraining data (interfaces.md). ``rng`` is unused (dropout is off in RL) and kept
-    for the common (params, batch, rng) signature.
+    own parameters. ``minibatch`` holds the fields of ``batches.ROLLOUT_BATCH`` (B, T) and, when
+    ``cfg.ptx_coef > 0``, ``ptx``: an LM batch of pretraining data (``batches.LM_BATCH``). ``rng`` is unused
+    (dropout is off in RL) and kept for the common (params, batch, rng) signature.
     """
-    require_keys(minibatch, MINIBATCH_KEYS, "ppo_loss")
+    batches.check(minibatch, batches.ROLLOUT_BATCH, "ppo_loss")
     if cfg.ptx_coef and "ptx" not in minibatch:
         raise KeyError(f"ppo_loss: ppo.ptx_coef={cfg.ptx_coef} needs a pretraining LM batch under "
                        f"minibatch['ptx']; set ppo.ptx_coef=0 to turn PPO-ptx off")

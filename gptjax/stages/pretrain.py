@@ -1,7 +1,8 @@
 """Stage 0 objective: next-token cross-entropy on packed LM batches (pretraining; SFT and PPO-ptx reuse it).
 
 ``lm_loss(params, batch, rng, *, model, ...)`` is a pure function the shared trainer jits and differentiates.
-Batch (interfaces.md, all (B, T)): ``inputs``, ``targets``, ``positions``, ``segment_ids``, ``weights``.
+Batch: ``gptjax.data.batches.LM_BATCH`` (all (B, T)): ``inputs``, ``targets``, ``weights`` and the optional
+``positions``, ``segment_ids``.
 
     loss = Σ weights · nll / max(Σ weights, 1)
 
@@ -16,20 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import losses
+from gptjax.data import batches
 from gptjax.model import GPT
 
 Array = jax.Array
-
-LM_BATCH_KEYS = ("inputs", "targets", "weights")  # positions / segment_ids are optional (None = one document)
-
-
-def require_keys(batch, keys, where: str) -> None:
-    """One clear error when a batch lacks fields an objective needs."""
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"{where}: batch is missing field(s) {missing}; it has {sorted(batch)} "
-                       f"(batch formats are documented in gptjax/data)")
-
 
 def _hidden_and_embedding(module: GPT, tokens_BT, positions_BT, segment_ids_BT, deterministic):
     return module.hidden(tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic), \
@@ -60,7 +51,7 @@ def token_stats_of(params, tokens_BT, targets_BT, *, model: GPT, positions_BT=No
 def lm_token_stats(params, batch, rng, *, model: GPT, deterministic: bool = False,
                    loss_chunk: int = 0) -> losses.TokenStats:
     """``token_stats_of`` for an LM batch dict (inputs -> targets, packed documents kept apart)."""
-    require_keys(batch, LM_BATCH_KEYS, "lm_loss")
+    batches.check(batch, batches.LM_BATCH, "lm_loss")
     return token_stats_of(params, batch["inputs"], batch["targets"], model=model,
                           positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"), rng=rng,
                           deterministic=deterministic, loss_chunk=loss_chunk)
@@ -89,5 +80,5 @@ def lm_loss(params, batch, rng, *, model: GPT, deterministic: bool = False, loss
     return total, metrics
 
 
-# The name the trainer's interface uses (interfaces.md): pretraining is the LM loss with weights on every target.
+# Pretraining's objective by its stage's name: the LM loss with weights on every target.
 pretrain_loss = lm_loss

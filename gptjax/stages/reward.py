@@ -1,7 +1,8 @@
 """Stage 2 objective: the K-wise reward-model loss of InstructGPT (Ouyang et al. 2022, §3.5 eq. 1).
 
-A batch element is one prompt with K responses ranked best → worst (interfaces.md: ``tokens``/``valid`` (B, K, T),
-``num_ranked`` (B,)). All C(n, 2) pairs of an element's n ranked responses enter its loss together:
+A batch element is one prompt with K responses ranked best → worst (``gptjax.data.batches.RANKING_BATCH``:
+``tokens``/``valid`` (B, K, T), ``num_ranked`` (B,)). All C(n, 2) pairs of an element's n ranked responses enter
+its loss together:
 
     loss(x) = −1/C(n, 2) · Σ_{i<j<n} log σ(r(x, y_i) − r(x, y_j))
 
@@ -22,14 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.data import batches
 from gptjax.model import ScoreModel
-from gptjax.stages.pretrain import require_keys
 from gptjax.stages.rl import positions_and_segments
 
 Array = jax.Array
-
-RANKING_BATCH_KEYS = ("tokens", "valid", "num_ranked")
-
 
 def _ranked_pairs_BKK(num_ranked_B, K: int) -> Array:
     """pairs[b, i, j]: response i is ranked above response j and both are among the first num_ranked[b]."""
@@ -73,7 +71,7 @@ def reward_loss(params, batch, rng, *, model: ScoreModel,
     Metrics: ``loss``, ``accuracy`` (pairwise, over all ranked pairs), ``reward_mean``/``reward_std`` (over the
     ranked responses), ``num_pairs``. Unused slots (k >= num_ranked) are computed but never counted.
     """
-    require_keys(batch, RANKING_BATCH_KEYS, "reward_loss")
+    batches.check(batch, batches.RANKING_BATCH, "reward_loss")
     tokens_BKT, valid_BKT, num_ranked_B = batch["tokens"], batch["valid"], batch["num_ranked"]
     B, K, T = tokens_BKT.shape
     rewards_B_K = sequence_rewards(params, tokens_BKT.reshape(B * K, T), valid_BKT.reshape(B * K, T),
@@ -110,7 +108,7 @@ def fit_reward_bias(params, demonstrations: Iterable[Mapping[str, np.ndarray]], 
     rewards_fn = jax.jit(lambda p, t, v: sequence_rewards(p, t, v, model=model))
     total, count = 0.0, 0
     for i, demo in enumerate(demonstrations):
-        require_keys(demo, ("tokens", "valid"), f"fit_reward_bias (demonstration batch {i})")
+        batches.check(demo, batches.DEMONSTRATION_ROWS, f"fit_reward_bias (demonstration batch {i})")
         rewards = np.asarray(rewards_fn(params, jnp.asarray(demo["tokens"]), jnp.asarray(demo["valid"])),
                              np.float64)
         total, count = total + float(rewards.sum()), count + rewards.size
