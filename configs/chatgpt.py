@@ -2,7 +2,7 @@
 
     python -m experiments.chatgpt --workdir=workdirs/demo [--config=configs/chatgpt.py:demo] [--seeds=0,1,2]
 
-Sections: ``world`` (gptjax/data/seed_world.py SeedWorldConfig fields), one full stage config per stage
+Sections: ``world`` (gptjax/seed_world/world.py SeedWorldConfig fields), one full stage config per stage
 (``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
 by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
 Presets: ``demo`` (the README's numbers, ~12 minutes on 2 CPU cores) and ``smoke`` (seconds, for tests).
@@ -15,7 +15,7 @@ import dataclasses
 import ml_collections
 
 from configs import pretrain, ppo, reward, sft
-from gptjax.data.seed_world import SeedWorldConfig
+from gptjax.seed_world.world import SeedWorldConfig
 
 
 def _world() -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 
 Presets: ``default`` (``make overopt``: the demo pipeline's workdir, three proxy sizes, best-of-N up to 256, PPO
 against each proxy; sized for ≤ 40 minutes on a 2-core CPU including the pipeline when it has not been run) and
-``smoke`` (seconds on the smoke pipeline, for tests). The study itself is gptjax/overopt.py.
+``smoke`` (seconds on the smoke pipeline, for tests). The study itself is gptjax/seed_world/overopt.py.
 Every field can be overridden, e.g. ``--config.proxies=S:1x32x2,L:4x128x4 --config.rl.steps=40``.
 """
 

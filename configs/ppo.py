@@ -2,8 +2,9 @@
 --config.data.prompts_path=prompts.jsonl``.
 
 Policy and frozen reference from the SFT run, frozen reward model and the value model's initial weights from
-the RM run (gptjax/train/ppo_loop.py). ``train.steps`` counts PPO iterations (each: one rollout batch, then
-``ppo.ppo_epochs`` passes of minibatch updates). PPO fields are documented in gptjax/stages/ppo.py (PPOConfig).
+the RM run (gptjax/stages/ppo/loop.py). ``train.steps`` counts PPO iterations (each: one rollout batch, then
+``ppo.ppo_epochs`` passes of minibatch updates). PPO fields are documented in gptjax/stages/ppo/objective.py
+(PPOConfig).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ml_collections
 
 from configs import common
 from gptjax.data.pipeline import default_data_config
-from gptjax.stages.ppo import PPOConfig
+from gptjax.stages.ppo.objective import PPOConfig
 
 
 def ppo_section() -> ml_collections.ConfigDict:

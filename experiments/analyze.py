@@ -10,7 +10,7 @@ checkpoints), loss on --split (LM runs: the stored data's held-out/train split, 
 reward runs: K-wise ranking loss and pairwise accuracy). Policies (pretrain, SFT, PPO): samples for --prompts.
 Reward runs: scores of the answers in --answers_file (JSONL {"prompt", "response"} or {"prompt", "responses"}).
 PPO runs: KL(policy ‖ reference = train.init_from) on --kl_prompts. --compare: the per-layer relative difference to
-another run or checkpoint. Computation: gptjax/analysis.py.
+another run or checkpoint. Computation: gptjax/tools/analysis.py.
 """
 
 import os
@@ -18,8 +18,8 @@ import sys
 
 from absl import app, flags
 
-from gptjax import analysis
 from gptjax.errors import ConfigError, DataFormatError
+from gptjax.tools import analysis
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to analyse (its workdir).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to analyse (default: the latest).")

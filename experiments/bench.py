@@ -4,9 +4,9 @@
     python -m experiments.bench --merge='out/*.json' [--out=all.json]     # one table from several result files
 
 Prints one Markdown table row per workload (tokens/s, MFU, peak memory, compile time, the issue-6 target where
-the config has one) and writes the rows as JSON (gptjax/bench.py documents the method and every field). Config
+the config has one) and writes the rows as JSON (gptjax/tools/bench.py documents the method and every field). Config
 fields can be overridden (``--config.batch_size=24``). XLA flags are not set here: pass them in XLA_FLAGS
-(scripts/gpu_bench.sh uses ``gptjax.bench.recommended_xla_flags``). Bad input ends in one error line.
+(scripts/gpu_bench.sh uses ``gptjax.tools.bench.recommended_xla_flags``). Bad input ends in one error line.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax import bench
 from gptjax.errors import ConfigError
+from gptjax.tools import bench
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config, e.g. configs/bench.py:cpu-tiny.",
                                           lock_config=True)

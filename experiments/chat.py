@@ -7,8 +7,8 @@ Multi-turn: the model sees the whole conversation, rendered with the template SF
 
 from absl import app, flags
 
-from gptjax.chat_session import ChatSession, run_repl
-from gptjax.train.runners import load_policy
+from gptjax.stages.common import load_policy
+from gptjax.tools.chat_session import ChatSession, run_repl
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run whose last checkpoint to chat with.", required=True)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")

@@ -14,7 +14,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gptjax.train import metrics as metrics_lib, pipeline
+from gptjax.seed_world import pipeline
+
+from gptjax.train import metrics as metrics_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")

@@ -4,7 +4,7 @@
 
 Always: L(N) = (N_c/N)^α with a 95% bootstrap interval (loss_vs_params.png, with Kaplan's α_N slope). When the
 runs differ in tokens: Hoffmann et al.'s E + A/N^α + B/D^β (chinchilla_fit.png) and the compute-optimal
-frontier with N_opt(C) ∝ C^a (compute_frontier.png). Formulas: gptjax/scaling.py.
+frontier with N_opt(C) ∝ C^a (compute_frontier.png). Formulas: gptjax/tools/scaling.py.
 """
 
 import json
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from gptjax import scaling
+from gptjax.tools import scaling
 
 _RESULTS = flags.DEFINE_string("results", None, "results.csv written by experiments.sweep.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Directory for fit.json and the PNGs (default: the results' directory).")

@@ -4,7 +4,7 @@
     python -m experiments.overopt --workdir=/tmp/smoke --config=configs/overopt.py:smoke
 
 --workdir is a seed-world pipeline workdir (experiments.chatgpt); without a finished pipeline there
-(results.json) the pipeline runs first. Re-running skips every finished part. Method: gptjax/overopt.py.
+(results.json) the pipeline runs first. Re-running skips every finished part. Method: gptjax/seed_world/overopt.py.
 """
 
 import os
@@ -13,8 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax import overopt
 from gptjax.errors import ConfigError, DataFormatError
+from gptjax.seed_world import overopt
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/overopt.py:default", "Study config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The seed-world pipeline workdir (run into if empty).")

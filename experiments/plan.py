@@ -9,7 +9,7 @@ with ``--device_memory``/``--peak_flops`` (default: H100 SXM) in nodes of ``--de
 ``--node_bandwidth`` (NVLink) inside and ``--link_bandwidth`` (one 400 Gb/s NIC per GPU) between nodes;
 this binary sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself (re-executing when JAX was
 imported first). With ``--topology`` it compiles for that TPU slice with the TPU compiler (needs libtpu:
-``pip install "jax[tpu]==0.10.2"``; no TPU needed). See gptjax/plan.py for what each figure means.
+``pip install "jax[tpu]==0.10.2"``; no TPU needed). See gptjax/tools/plan.py for what each figure means.
 Bad input ends in one error line and exit status 1.
 """
 
@@ -51,9 +51,9 @@ if __name__ == "__main__":
 from absl import app, flags  # noqa: E402  (after the device count is set)
 from ml_collections import config_flags  # noqa: E402
 
-from gptjax import plan as plan_lib  # noqa: E402
 from gptjax.assets import AssetMissingError  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
+from gptjax.tools import plan as plan_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:gpt3-175b.",
                                           lock_config=True)

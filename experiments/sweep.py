@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from gptjax import sweep as sweep_lib
+from gptjax.tools import sweep as sweep_lib
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/<name>.py) defining get_sweep().",
                              required=True)

@@ -17,7 +17,8 @@ from ml_collections import config_flags
 from gptjax import distributed
 from gptjax.assets import AssetMissingError
 from gptjax.errors import ConfigError, DataError
-from gptjax.train import loop, metrics as metrics_lib, runners, workdir as workdir_lib
+from gptjax.stages import common as runners
+from gptjax.train import loop, metrics as metrics_lib, workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
                                           lock_config=True)

@@ -36,10 +36,10 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
-# The recommended XLA flags (gptjax.bench.recommended_xla_flags). An unknown flag aborts XLA, so jax is started
+# The recommended XLA flags (gptjax.tools.bench.recommended_xla_flags). An unknown flag aborts XLA, so jax is started
 # with them once first; the same start reports the backend, the card and its usable memory.
 IFS='|' read -r FLAGS EXPERIMENTAL <<< "$($PY -c '
-from gptjax.bench import EXPERIMENTAL_GPU_XLA_FLAGS, recommended_xla_flags
+from gptjax.tools.bench import EXPERIMENTAL_GPU_XLA_FLAGS, recommended_xla_flags
 print(" ".join(recommended_xla_flags("gpu")), EXPERIMENTAL_GPU_XLA_FLAGS["cuda-graph-loops"], sep="|")')"
 probe() {  # probe FLAGS -> "backend|usable GiB|device kind", or fails when jax does not start with them
   XLA_FLAGS="$1" $PY -c '

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from configs import chatgpt as chatgpt_config
-from gptjax.train import pipeline
+from gptjax.seed_world import pipeline
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import overopt as overopt_config
-from gptjax import analysis, overopt, sampling
+from gptjax import sampling
 from gptjax.data import chat
 from gptjax.data.pipeline import make_lm_iterator
 from gptjax.errors import ConfigError, DataFormatError
 from gptjax.model import GPT, GPTConfig, ScoreModel, count_params
+from gptjax.seed_world import overopt
+from gptjax.seed_world import pipeline
+from gptjax.stages import common as runners
 from gptjax.stages.reward import shift_reward_bias
-from gptjax.train import pipeline, runners
+from gptjax.tools import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The benchmark (gptjax.bench, experiments.bench, configs/bench.py), on the CPU with the tiny config.
+"""The benchmark (gptjax.tools.bench, experiments.bench, configs/bench.py), on the CPU with the tiny config.
 
 Checked against: the JSON schema the GPU script and the README table read (every field present, rates positive
 and finite, each rate equal to tokens counted / median time, token counts equal to the config's shapes worked
@@ -21,8 +21,8 @@ import types
 import pytest
 
 from configs.bench import CONFIGS, GPU_CONFIGS, get_config
-from gptjax import bench
 from gptjax.errors import ConfigError
+from gptjax.tools import bench
 
 H100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
 CPU = types.SimpleNamespace(platform="cpu", device_kind="cpu")

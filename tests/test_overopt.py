@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from configs import overopt as overopt_config
-from gptjax import analysis, overopt
-from gptjax.data import seed_world as world_lib
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
+from gptjax.seed_world import overopt
+from gptjax.seed_world import world as world_lib
+from gptjax.seed_world import pipeline
+from gptjax.tools import analysis
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import pipeline
 
 
 # --- formulas ------------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ import pytest
 
 from configs import chatgpt as chatgpt_config
 from gptjax import sampling
-from gptjax.chat_session import ChatSession, run_repl
 from gptjax.data import chat
 from gptjax.errors import ConfigError
+from gptjax.seed_world import pipeline
+from gptjax.stages import common as runners
+from gptjax.tools.chat_session import ChatSession, run_repl
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import pipeline, runners
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The ahead-of-time planner (gptjax.plan, experiments.plan) on fake CPU devices, and on a TPU topology when
+"""The ahead-of-time planner (gptjax.tools.plan, experiments.plan) on fake CPU devices, and on a TPU topology when
 libtpu is installed.
 
 Checked against independent references: the planner's per-device argument bytes against the bytes a real,
@@ -21,9 +21,9 @@ import pytest
 
 from configs.pretrain import get_config
 from gptjax import flops as flops_lib
-from gptjax import plan as plan_lib
 from gptjax.errors import ConfigError
 from gptjax.model import GPT
+from gptjax.tools import plan as plan_lib
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
 

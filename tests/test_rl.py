@@ -20,7 +20,8 @@ import rlax
 
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, GPTConfig, ScoreModel
-from gptjax.stages import ppo, rl
+from gptjax.stages import rl
+from gptjax.stages.ppo import objective as ppo
 
 PAD = 9.0  # garbage at padded positions: results must not depend on it
 

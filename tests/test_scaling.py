@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import fit_scaling
-from gptjax import scaling
+from gptjax.tools import scaling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}

@@ -1,4 +1,4 @@
-"""The seed world (gptjax/data/seed_world.py), checked against properties and hand-computed values: same config ->
+"""The seed world (gptjax/seed_world/world.py), checked against properties and hand-computed values: same config ->
 identical world, built in well under 10 s; held-out numbers never appear in SFT/RM/PPO text (searched with digit
 boundaries, independently of the module's own check) but do appear in pretraining; the held-out set is balanced
 and >= 300 questions; the labeler's verdicts / reasons / language on hand-judged answers; evaluate_answers against
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gptjax.data import post_training as pt
-from gptjax.data import seed_world as sw
+from gptjax.seed_world import world as sw
 from gptjax.tokenizers import make_tokenizer
 
 TOK = make_tokenizer("bytes")

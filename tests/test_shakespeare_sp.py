@@ -11,7 +11,7 @@ from gptjax import assets
 from gptjax.data import builders, shakespeare_sp
 from gptjax.data.pipeline import default_data_config
 from gptjax.errors import ConfigError
-from gptjax.train import runners
+from gptjax.stages import common as runners
 
 
 @pytest.fixture

@@ -33,12 +33,13 @@ from gptjax import distributed, sharding
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.sampling import SamplingConfig
-from gptjax.stages import ppo as ppo_lib
+from gptjax.stages.ppo import objective as ppo_lib
+from gptjax.stages.ppo import loop as ppo_loop
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import reward_loss
 from gptjax.stages.sft import sft_loss
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import loop, ppo_loop
+from gptjax.train import loop
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from gptjax.model import GPT, GPTConfig, ScoreModel
-from gptjax.stages import ppo, pretrain, reward, sft
+from gptjax.stages import pretrain, reward, sft
+from gptjax.stages.ppo import objective as ppo
 
 # One unscanned layer: the objectives do not care about the layer layout, and it compiles fastest.
 CFG = GPTConfig(vocab_size=48, max_len=32, num_layers=1, d_model=32, num_heads=2, dropout_resid=0.1,

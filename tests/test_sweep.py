@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from gptjax import sweep as S
+from gptjax.tools import sweep as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """Small pure functions of the RLHF stages: padded-sequence layout, GAE, whitening, KL controllers, per-token rewards.
 
-Conventions (shared with ``stages/ppo.py`` and ``stages/reward.py``):
+Conventions (shared with ``stages/ppo/objective.py`` and ``stages/reward.py``):
 
 * A rollout row is prompt + response in one (B, T) array. Prompts may be left-padded and responses right-padded
   after EOS; ``valid_BT`` marks real tokens, ``mask_BT`` marks response (action) tokens, EOS included.

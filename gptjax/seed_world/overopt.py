@@ -40,14 +40,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gptjax import analysis, sampling, sharding
+from gptjax import sampling, sharding
+
 from gptjax.data import chat, post_training
-from gptjax.data import seed_world as world_lib
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, ScoreModel
+from gptjax.seed_world import world as world_lib
+from gptjax.seed_world import pipeline
+from gptjax.stages import common as runners
+from gptjax.stages.ppo import loop as ppo_loop
+from gptjax.tools import analysis
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
-from gptjax.train import pipeline, ppo_loop, runners
 from gptjax.train import workdir as workdir_lib
 
 STUDY_FILE = "overopt.json"

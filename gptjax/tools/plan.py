@@ -320,7 +320,7 @@ def model_config_of(cfg) -> GPTConfig:
     if cfg.model.preset == "from_init":
         raise ConfigError("model.preset='from_init' names no model; give the preset (e.g. "
                           "--config.model.preset=gpt3-175b)")
-    from gptjax.train import runners  # noqa: PLC0415 (data-pipeline imports: only when planning from a config)
+    from gptjax.stages import common as runners  # noqa: PLC0415 (data-pipeline imports: only when planning from a config)
     return runners.build_model_config(cfg.model, runners.build_tokenizer(cfg.tokenizer), int(cfg.train.seq_len))
 
 

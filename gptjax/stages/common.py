@@ -1,7 +1,7 @@
 """Stage runners: config in, trained run out. One function per stage, registered in ``STAGES``.
 
 A runner turns its config into a tokenizer, a model, an objective and data iterators and hands them to the
-shared loop (``train.loop.run_training``; PPO has its own loop in ``train.ppo_loop``). Every stage after
+shared loop (``train.loop.run_training``; PPO has its own loop in ``stages/ppo/loop.py``). Every stage after
 pretraining starts from the previous stage's checkpoint (``train.init_from``); with ``model.preset =
 "from_init"`` (the default of configs/sft.py, reward.py and ppo.py) the model and tokenizer are those of that
 checkpoint, so a researcher only names the run to continue from.
@@ -27,12 +27,13 @@ from gptjax.data.pipeline import make_lm_iterator
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.presets import preset_config
+from gptjax.stages.ppo import loop as ppo_loop
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import fit_reward_bias, reward_loss, shift_reward_bias
 from gptjax.stages.sft import sft_loss
 from gptjax.tokenizers import Tokenizer, make_tokenizer, padded_vocab_size
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import loop, ppo_loop, state as state_lib
+from gptjax.train import loop, state as state_lib
 
 FROM_INIT = "from_init"  # model.preset / tokenizer.kind value: take the init_from run's model / tokenizer
 REWARD_BIAS_FILE = "reward_bias.json"

@@ -2,7 +2,7 @@
 
 Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one,
 exactly as ``experiments.train`` would run it alone; re-running the pipeline resumes/skips finished stages.
-The seed world (gptjax/data/seed_world.py) supplies the corpus, demonstrations, prompts, held-out questions and
+The seed world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out questions and
 the labeler's gold oracle; ``StageEvaluator`` asks every stage the held-out questions and scores the answers.
 """
 
@@ -22,13 +22,13 @@ from absl import logging
 
 from gptjax import sampling
 from gptjax.data import chat, post_training
-from gptjax.data import seed_world as world_lib
 from gptjax.model import GPT, ScoreModel
-from gptjax.stages import ppo as ppo_lib
+from gptjax.seed_world import world as world_lib
+from gptjax.stages import common as runners
+from gptjax.stages.ppo import objective as ppo_lib
 from gptjax.stages.reward import pairwise_accuracy, sequence_rewards
 from gptjax.tokenizers import Tokenizer
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import runners
 
 STAGE_NAMES = ("pretrain", "sft", "reward", "ppo")
 FORUM_PROMPT = {"zh": "問：{q}\n答：", "en": "Q: {q}\nA: "}  # how the pretraining corpus asks questions

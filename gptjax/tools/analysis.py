@@ -10,7 +10,7 @@ Works on runs of every stage; the stage is read from the checkpoint's stored con
 
 ``analyze`` returns a JSON-able dict; ``write_report`` turns it into ``report.md`` and PNG plots. The building
 blocks (``layer_leaves``, ``module_norms``, ``difference``, ``RolloutEngine`` …) are reused by the
-over-optimisation study (gptjax/overopt.py).
+over-optimisation study (gptjax/seed_world/overopt.py).
 
 Layers are reported by their depth index whatever the parameter layout (scanned ``groups`` with a leading layer
 axis, or ``groups_<i>``; a group holds one block per entry of ``attention_pattern``). Names: ``layer_3/attn/qkv``
@@ -39,12 +39,13 @@ from gptjax.data import chat, post_training
 from gptjax.errors import ConfigError, DataFormatError
 from gptjax.model import GPT, ScoreModel, count_params, unstack_layers
 from gptjax.stages import rl
+from gptjax.stages import common as runners
 from gptjax.stages.pretrain import lm_loss
 from gptjax.stages.reward import pairwise_accuracy, ranking_loss, sequence_rewards, shift_reward_bias
 from gptjax.stages.sft import sft_loss
 from gptjax.tokenizers import Tokenizer
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import loop, runners
+from gptjax.train import loop
 from gptjax.train import metrics as metrics_lib
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
@@ -374,8 +375,8 @@ def response_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: f
     """log π(token_t | tokens_<t) for every column t (0 in column 0) under the distribution the sampler draws from:
     logits / temperature with ids >= ``vocab_size`` (the model's padded vocabulary) excluded. float32 (B, T).
 
-    (stages/ppo.sequence_logprobs normalises over the padded vocabulary too, which is fine for PPO's ratios but
-    not for a KL between the sampled distributions.)
+    (stages/ppo/objective.sequence_logprobs normalises over the padded vocabulary too, which is fine for PPO's
+    ratios but not for a KL between the sampled distributions.)
     """
     positions_BT, segment_ids_BT = rl.positions_and_segments(valid_BT)
     logits_BTV, _ = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, deterministic=True)

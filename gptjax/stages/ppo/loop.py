@@ -5,7 +5,7 @@ One iteration (all of it jitted, on the mesh):
    draws the same prompts);
 2. sample responses from the policy (temperature ``ppo.temperature``, the KV-cache sampler);
 3. score them: policy and reference log-probs, values, and the reward model's score at EOS;
-4. per-token rewards (score − β·KL, no-EOS penalty), GAE, advantage whitening (``stages/ppo.py``);
+4. per-token rewards (score − β·KL, no-EOS penalty), GAE, advantage whitening (``stages/ppo/objective.py``);
 5. ``ppo.ppo_epochs`` passes of ``ppo.num_minibatches`` gradient steps over the rollout batch, updating the
    policy and value model (each its own AdamW); with ``ppo.ptx_coef > 0`` every step also takes a pretraining
    batch (PPO-ptx);
@@ -37,8 +37,8 @@ from gptjax import sampling as sample_lib
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, ScoreModel
 from gptjax.sampling import SamplingConfig, prompt_and_response
-from gptjax.stages import ppo as ppo_lib
 from gptjax.stages import rl
+from gptjax.stages.ppo import objective as ppo_lib
 from gptjax.stages.reward import sequence_rewards
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib

@@ -644,8 +644,8 @@ def _bench_sample(ctx: _Context) -> Result:
 def _bench_ppo(ctx: _Context) -> list[Result]:
     """One PPO iteration as ``run_ppo`` runs it: experience (rollout + scoring + GAE), then the update."""
     # Imported here: the PPO stage needs rlax, which a GPU image may lack while the other workloads run.
-    from gptjax.stages import ppo as ppo_lib
-    from gptjax.train import ppo_loop
+    from gptjax.stages.ppo import objective as ppo_lib
+    from gptjax.stages.ppo import loop as ppo_loop
 
     c, p = ctx.c, ctx.c.ppo
     cfg = model_config(c)

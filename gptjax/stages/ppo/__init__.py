@@ -1,0 +1,1 @@
+"""Stage 3: PPO(-ptx). ``objective``: the losses and per-token quantities; ``loop``: rollouts and updates."""
