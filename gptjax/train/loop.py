@@ -1,4 +1,4 @@
-"""The one training loop shared by pretraining, SFT and the reward model (PPO reuses its pieces).
+"""The one training loop of every stage that trains by gradient steps on batches (pretraining, SFT, reward model).
 
 Per step: the host takes a prefetched, already-sharded stack of accumulation microbatches
 (``(A, micro, ...)``, A = optim.grad_accum_steps) and dispatches one jitted step that loops over the first
@@ -15,16 +15,16 @@ checkpoints (async; only the device-to-host copy blocks) happen at their own int
 ``loss_fn(params, batch, rng, deterministic) -> (loss, metrics)``: a scalar mean loss over the batch and a
 dict of scalars; ``metrics["num_tokens"]`` (if present) weights the batch in accumulation and evaluation.
 Metrics named ``num_*`` are summed over microbatches/batches, the others averaged with those weights.
+
+The run's setup and teardown (workdir, checkpointer, metrics writer, run_info.json / summary.json) are
+``gptjax.train.run.RunContext``'s, shared with every other loop (PPO's). The loop knows no stage: a stage hands it
+a model, an objective and data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import queue
-import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -42,8 +42,10 @@ from gptjax.errors import ConfigError
 from gptjax.model import GPTConfig, count_params
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
+from gptjax.train import run as run_lib
 from gptjax.train import state as state_lib
 from gptjax.train import workdir as workdir_lib
+from gptjax.train.inputs import DevicePrefetcher, EvalSource
 from gptjax.train.optim import BatchRamp, make_optimizer
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -147,90 +149,6 @@ def make_eval_step(loss_fn: LossFn):
         return jnp.asarray(loss, jnp.float32) * weight, weight, sums
 
     return step
-
-
-# --- input: prefetch to device ----------------------------------------------------------------------------------
-
-class DevicePrefetcher:
-    """Background thread: pulls ``k`` microbatches per step, stacks them, puts them on the mesh, and records
-    the iterator state *after* them (what a checkpoint taken after that step must store)."""
-
-    _DONE = object()
-
-    def __init__(self, it: Iterator, microbatches_at: Callable[[int], int], max_microbatches: int, start_step: int,
-                 end_step: int, sharding: NamedSharding, size: int = 2):
-        self._it, self._micro_at, self._max, self._sharding = it, microbatches_at, max_microbatches, sharding
-        self._queue: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start_step, end_step), daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, start: int, end: int):
-        try:
-            for step in range(start, end):
-                try:
-                    rows = [next(self._it) for _ in range(self._micro_at(step))]
-                except StopIteration:
-                    break
-                # Always max_microbatches slots (one program for every ramp size); unused slots are zeros
-                # the step never reads.
-                pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (self._max - len(rows))
-                stacked = {k: np.stack([np.asarray(r[k]) for r in rows + pad]) for k in rows[0]}
-                data_state = self._it.get_state() if hasattr(self._it, "get_state") else None
-                arrays = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in stacked.items()}
-                if not self._put((step, arrays, data_state, len(rows))):
-                    return
-            self._put(self._DONE)
-        except BaseException as e:  # surfaced in the main thread by __next__
-            self._put(e)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if item is self._DONE:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _EvalSource:
-    """The same ``n`` evaluation batches every time: a factory is called afresh; an iterator with
-    get_state/set_state is rewound to where it started; a plain iterator is read onward (logged)."""
-
-    def __init__(self, source):
-        self._source = source
-        self._start = source.get_state() if hasattr(source, "get_state") and not callable(source) else None
-        if not callable(source) and self._start is None:
-            logging.warning("eval iterator has no get_state/set_state: each evaluation reads new batches")
-
-    def batches(self, n: int):
-        if callable(self._source):
-            it = self._source()
-        else:
-            it = self._source
-            if self._start is not None:
-                it.set_state(self._start)
-        for _ in range(n):
-            try:
-                yield next(it)
-            except StopIteration:
-                return
 
 
 # --- metrics, evaluation, start-up --------------------------------------------------------------------------
@@ -361,7 +279,7 @@ class _Reporter:
                 f"{self._latest_ckpt()}. Lower optim.lr, check the data, or compute in float32 (model.dtype).")
 
 
-def _evaluate(eval_step, evaluator: _EvalSource, params, mesh, num_batches: int,
+def _evaluate(eval_step, evaluator: EvalSource, params, mesh, num_batches: int,
               perplexity: bool = True) -> dict[str, float]:
     """Weighted validation loss (and its perplexity) and metrics over the same ``num_batches`` batches."""
     sums = None
@@ -398,12 +316,40 @@ def _check_train_config(t, optim_cfg, mesh) -> int:
     return micro
 
 
-def _restore_or_init(ckpt: ckpt_lib.Checkpointer, t, *, abstract, init_params_fn, tx, shardings, mesh, rng,
-                     train_iter, extra_ckpt_items) -> state_lib.TrainState:
+@dataclasses.dataclass
+class _Setup:
+    """What a run derives from its config before it touches the workdir (nothing allocated): the validated batch
+    sizes, the optimizer and the train state's shardings and shapes."""
+
+    micro: int  # rows per accumulation microbatch
+    ramp: BatchRamp
+    rng: jax.Array
+    init_params_fn: Callable
+    tx: optax.GradientTransformation
+    schedule: Callable
+    shardings: state_lib.TrainState
+    abstract: state_lib.TrainState
+
+
+def _setup(cfg, model: nn.Module, mesh, init_params_fn: Callable | None) -> _Setup:
+    t = cfg.train
+    micro = _check_train_config(t, cfg.optim, mesh)
+    ramp = BatchRamp(t.batch_size, micro, t.seq_len, int(cfg.optim.ramp_start_tokens), int(cfg.optim.ramp_tokens))
+    rng = jax.random.key(t.seed)
+    init_params_fn = init_params_fn or state_lib.default_init_params_fn(model, t.seq_len)
+    boxed = state_lib.abstract_boxed_params(init_params_fn, rng)
+    tx, schedule = make_optimizer(cfg.optim, int(t.steps), nn.unbox(boxed))
+    shardings = state_lib.state_shardings(boxed, tx, mesh)
+    abstract = state_lib.abstract_state(boxed, tx, shardings, rng)
+    return _Setup(micro, ramp, rng, init_params_fn, tx, schedule, shardings, abstract)
+
+
+def _restore_or_init(ckpt: ckpt_lib.Checkpointer, t, setup: _Setup, *, mesh, train_iter,
+                     extra_ckpt_items) -> state_lib.TrainState:
     """The latest checkpoint of the workdir (with data position and extras), else a fresh or init_from state."""
     latest = ckpt.latest_step()
     if latest is not None:
-        restored = ckpt.restore(latest, abstract)
+        restored = ckpt.restore(latest, setup.abstract)
         if restored.data_state is not None:
             if not hasattr(train_iter, "set_state"):
                 raise ConfigError("the train iterator has no set_state(): cannot resume the data position")
@@ -415,16 +361,90 @@ def _restore_or_init(ckpt: ckpt_lib.Checkpointer, t, *, abstract, init_params_fn
                 set_fn(restored.extras[name])
         logging.info("resumed from %s/%d", ckpt.directory, latest)
         return restored.state
-    state = state_lib.create_sharded_state(init_params_fn, tx, shardings, mesh, rng)
+    state = state_lib.create_sharded_state(setup.init_params_fn, setup.tx, setup.shardings, mesh, setup.rng)
     if t.init_from:
-        loaded = ckpt_lib.load_params(t.init_from, abstract.params, keep_fresh=tuple(t.init_from_fresh))
+        loaded = ckpt_lib.load_params(t.init_from, setup.abstract.params, keep_fresh=tuple(t.init_from_fresh))
         params = jax.tree_util.tree_map_with_path(
             lambda path, fresh: loaded.get(tuple(str(getattr(k, "key", k)) for k in path), fresh), state.params)
-        state = state_lib.state_with_params(params, tx, shardings, mesh, rng)
+        state = state_lib.state_with_params(params, setup.tx, setup.shardings, mesh, setup.rng)
     return state
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
+
+class _Trainer:
+    """A run's jitted steps, its state, and what the loop does at its intervals: evaluate, sample, checkpoint."""
+
+    def __init__(self, run: run_lib.RunContext, cfg, setup: _Setup, mesh, loss_fn: LossFn, state, *, eval_iter,
+                 sample_fn, extra_ckpt_items, perplexity: bool):
+        self.run, self.t, self.setup, self.mesh, self.state = run, cfg.train, setup, mesh, state
+        self.steps = int(cfg.train.steps)
+        self.batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))  # (microbatch slot, batch, ...)
+        self.train_step = jax.jit(make_train_step(loss_fn, setup.tx, setup.schedule, setup.shardings.params),
+                                  in_shardings=(setup.shardings, self.batch_sharding, None),
+                                  out_shardings=(setup.shardings, None), donate_argnums=(0,))
+        self.eval_step = jax.jit(make_eval_step(loss_fn),
+                                 in_shardings=(setup.shardings.params, sharding_lib.batch_sharding(mesh, 1)))
+        self.evaluator = EvalSource(eval_iter) if eval_iter is not None else None
+        self.sample_fn, self.extra_ckpt_items, self.perplexity = sample_fn, extra_ckpt_items, perplexity
+        self.config_dict = workdir_lib.config_to_dict(cfg)
+        self.eval_result: dict = {}
+        self.sample_texts: list[str] = []
+
+    def evaluate(self, step: int) -> None:
+        self.eval_result = _evaluate(self.eval_step, self.evaluator, self.state.params, self.mesh,
+                                     int(self.t.eval_batches), perplexity=self.perplexity)
+        self.run.writer.write_scalars(step, self.eval_result)
+        logging.info("eval @ step %d: %s", step, _fmt(self.eval_result))
+
+    def samples(self, step: int) -> None:
+        self.sample_texts = texts = list(self.sample_fn(self.state.params))
+        self.run.writer.write_texts(step, {f"samples/{i}": s for i, s in enumerate(texts)})
+        for i, s in enumerate(texts):
+            logging.info("sample %d @ step %d: %r", i, step, s)
+
+    def save(self, step: int, data_state) -> None:
+        extras = {name: get_fn() for name, (get_fn, _) in self.extra_ckpt_items.items()}
+        self.run.ckpt.save(step, self.state, data_state=data_state, config=self.config_dict, extras=extras)
+
+    def _due(self, every, step: int) -> bool:
+        return every > 0 and step % int(every) == 0 and step != self.steps
+
+    def train(self, train_iter: Iterator, reporter: _Reporter, start_step: int) -> int:
+        """Steps from ``start_step`` until ``train.steps`` (or the data's end); returns the last step done."""
+        t, setup = self.t, self.setup
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+        prefetch = self.run.closing(DevicePrefetcher(train_iter, setup.ramp.microbatches_at,
+                                                     setup.ramp.max_microbatches, start_step, self.steps,
+                                                     self.batch_sharding))
+        step = start_step
+        for step_index, batch, data_state, num_micro in prefetch:
+            with mesh_context(self.mesh):
+                self.state, step_metrics = self.train_step(self.state, batch, np.int32(num_micro))
+            step = step_index + 1
+            reporter.add(step, step_metrics, num_micro * setup.micro * int(t.seq_len))
+            evaluating = self.evaluator is not None and self._due(t.eval_every, step)
+            sampling = self.sample_fn is not None and self._due(t.sample_every, step)
+            saving = step % int(t.ckpt_every) == 0 or step == self.steps
+            if evaluating or sampling or saving:
+                reporter.settle()  # each of them waits for this step: first time the steps before it
+            if evaluating:
+                self.evaluate(step)
+            if sampling:
+                self.samples(step)
+            if saving:
+                self.save(step, data_state)  # data_state: the iterator right after this step's batch
+        reporter.finish()
+        if step < self.steps:
+            logging.warning("the training data ran out after step %d of %d", step, self.steps)
+            if step > start_step and step % int(t.ckpt_every):
+                self.save(step, data_state)
+        if self.evaluator is not None:
+            self.evaluate(step)
+        if self.sample_fn is not None:
+            self.samples(step)
+        return step
+
 
 def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_iter: Iterator,
                  init_params_fn: Callable | None = None, eval_iter=None,
@@ -444,121 +464,36 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
     (default: gptjax.flops of ``model.cfg``).
     """
     t = cfg.train
-    steps = int(t.steps)
-    workdir = os.path.abspath(workdir)
-    primary = jax.process_index() == 0
-    allow_change = bool(t.allow_config_change)
-    # A workdir holding another config is refused before anything in it is touched ...
-    workdir_lib.check_or_write_config(workdir, cfg, allow_change=allow_change, write=False)
-    # ... and the config is validated (no allocation) before it is recorded, so a bad one never claims it.
+    run = run_lib.RunContext(cfg, workdir)  # a workdir of another config is refused before anything is touched
+    # The config is validated (no allocation) before it is recorded, so a bad one never claims the workdir.
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(tuple(cfg.mesh.shape))
-    micro = _check_train_config(t, cfg.optim, mesh)
-    ramp = BatchRamp(t.batch_size, micro, t.seq_len, int(cfg.optim.ramp_start_tokens), int(cfg.optim.ramp_tokens))
-    rng = jax.random.key(t.seed)
-    init_params_fn = init_params_fn or state_lib.default_init_params_fn(model, t.seq_len)
-    boxed = state_lib.abstract_boxed_params(init_params_fn, rng)
-    tx, schedule = make_optimizer(cfg.optim, steps, nn.unbox(boxed))
-    shardings = state_lib.state_shardings(boxed, tx, mesh)
-    abstract = state_lib.abstract_state(boxed, tx, shardings, rng)
-    config_dict = workdir_lib.config_to_dict(cfg)
+    setup = _setup(cfg, model, mesh, init_params_fn)
     extra_ckpt_items = dict(extra_ckpt_items or {})
     if flops_per_token is None and isinstance(getattr(model, "cfg", None), GPTConfig):
         flops_per_token = flops_lib.flops_per_token(model.cfg, t.seq_len)
     peak = float(t.peak_flops) or flops_lib.device_peak_flops()
-
-    workdir_lib.check_or_write_config(workdir, cfg, allow_change=allow_change, write=primary)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_ckpts))
-    writer = prefetch = None
-    started = time.time()
-    try:
-        state = _restore_or_init(ckpt, t, abstract=abstract, init_params_fn=init_params_fn, tx=tx,
-                                 shardings=shardings, mesh=mesh, rng=rng, train_iter=train_iter,
+    with run:
+        state = _restore_or_init(run.ckpt, t, setup, mesh=mesh, train_iter=train_iter,
                                  extra_ckpt_items=extra_ckpt_items)
         start_step = int(jax.device_get(state.step))
-        if primary:
-            _write_run_info(workdir, cfg, model, mesh, start_step)
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=primary)
+        if run.primary:
+            run.write_run_info(_run_info(cfg, model, mesh, start_step))
+        writer = run.open_metrics(start_step)
         reporter = _Reporter(writer, t, flops_per_token=flops_per_token,
                              peak_flops_total=peak * jax.device_count() if peak else None,
-                             latest_checkpoint=ckpt.latest_step)
-
-        batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))  # (microbatch slot, batch, ...)
-        train_step = jax.jit(make_train_step(loss_fn, tx, schedule, shardings.params),
-                             in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
-                             donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(loss_fn),
-                            in_shardings=(shardings.params, sharding_lib.batch_sharding(mesh, 1)))
-        evaluator = _EvalSource(eval_iter) if eval_iter is not None else None
-        eval_result, sample_texts = {}, []
-
-        def evaluate(step):
-            result = _evaluate(eval_step, evaluator, state.params, mesh, int(t.eval_batches),
-                               perplexity=loss_is_token_nll)
-            writer.write_scalars(step, result)
-            logging.info("eval @ step %d: %s", step, _fmt(result))
-            return result
-
-        def samples(step):
-            texts = list(sample_fn(state.params))
-            writer.write_texts(step, {f"samples/{i}": s for i, s in enumerate(texts)})
-            for i, s in enumerate(texts):
-                logging.info("sample %d @ step %d: %r", i, step, s)
-            return texts
-
-        def save(step, data_state):
-            extras = {name: get_fn() for name, (get_fn, _) in extra_ckpt_items.items()}
-            ckpt.save(step, state, data_state=data_state, config=config_dict, extras=extras)
-
-        def due(every, step):
-            return every > 0 and step % int(every) == 0 and step != steps
-
-        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-        prefetch = DevicePrefetcher(train_iter, ramp.microbatches_at, ramp.max_microbatches, start_step, steps,
-                                    batch_sharding)
-        step = start_step
-        for step_index, batch, data_state, num_micro in prefetch:
-            with mesh_context(mesh):
-                state, step_metrics = train_step(state, batch, np.int32(num_micro))
-            step = step_index + 1
-            reporter.add(step, step_metrics, num_micro * micro * int(t.seq_len))
-            evaluating = evaluator is not None and due(t.eval_every, step)
-            sampling = sample_fn is not None and due(t.sample_every, step)
-            saving = step % int(t.ckpt_every) == 0 or step == steps
-            if evaluating or sampling or saving:
-                reporter.settle()  # each of them waits for this step: first time the steps before it
-            if evaluating:
-                eval_result = evaluate(step)
-            if sampling:
-                sample_texts = samples(step)
-            if saving:
-                save(step, data_state)  # data_state: the iterator right after this step's batch
-        reporter.finish()
-        if step < steps:
-            logging.warning("the training data ran out after step %d of %d", step, steps)
-            if step > start_step and step % int(t.ckpt_every):
-                save(step, data_state)
-        if evaluator is not None:
-            eval_result = evaluate(step)
-        if sample_fn is not None:
-            sample_texts = samples(step)
-        if primary:
-            _write_summary(workdir, model, t, step, ramp, micro, flops_per_token, time.time() - started)
-        return TrainResult(step=step, train_metrics=reporter.last, eval_metrics=eval_result,
-                           samples=sample_texts, workdir=workdir, state=state)
-    finally:
-        if prefetch is not None:
-            prefetch.close()
-        ckpt.close()  # waits for an async save in flight: a finished checkpoint is never thrown away
-        if writer is not None:
-            writer.close()
+                             latest_checkpoint=run.ckpt.latest_step)
+        trainer = _Trainer(run, cfg, setup, mesh, loss_fn, state, eval_iter=eval_iter, sample_fn=sample_fn,
+                           extra_ckpt_items=extra_ckpt_items, perplexity=loss_is_token_nll)
+        step = trainer.train(train_iter, reporter, start_step)
+        if run.primary:
+            run.write_summary(_summary(run.workdir, model, t, step, setup, flops_per_token, run.elapsed()))
+        return TrainResult(step=step, train_metrics=reporter.last, eval_metrics=trainer.eval_result,
+                           samples=trainer.sample_texts, workdir=run.workdir, state=trainer.state)
 
 
-SUMMARY_FILE = "summary.json"
-
-
-def _write_summary(workdir: str, model, t, step: int, ramp: BatchRamp, micro: int, flops_per_token, wall_s: float):
+def _summary(workdir: str, model, t, step: int, setup: _Setup, flops_per_token, wall_s: float) -> dict[str, Any]:
     """What a finished run amounts to (sweeps gather these): size, tokens, compute and validation losses."""
-    tokens = sum(ramp.microbatches_at(s) for s in range(step)) * micro * int(t.seq_len)
+    tokens = sum(setup.ramp.microbatches_at(s) for s in range(step)) * setup.micro * int(t.seq_len)
     evals = [r["eval/loss"] for r in metrics_lib.read_metrics(workdir) if r.get("eval/loss") is not None]
     summary: dict[str, Any] = {"steps": step, "tokens": tokens, "wall_time_s": wall_s,
                                "final_val_loss": evals[-1] if evals else None,
@@ -568,25 +503,19 @@ def _write_summary(workdir: str, model, t, step: int, ramp: BatchRamp, micro: in
         counts = count_params(model_cfg)
         summary.update(params=counts["total"], non_embedding_params=counts["non_embedding"],
                        flops=flops_per_token * tokens if flops_per_token else None)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    return summary
 
 
 def _fmt(d: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in d.items())
 
 
-def _write_run_info(workdir: str, cfg, model, mesh, start_step: int) -> None:
+def _run_info(cfg, model, mesh, start_step: int) -> dict[str, Any]:
     """Facts about this start (not the config): what the config resolved to on this machine."""
-    info: dict[str, Any] = {
-        "start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "jax_version": jax.__version__, "devices": jax.device_count(), "processes": jax.process_count(),
-        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
-    }
+    info = run_lib.start_info(mesh, start_step)
     model_cfg = getattr(model, "cfg", None)
     if isinstance(model_cfg, GPTConfig):
         info["model"] = dataclasses.asdict(model_cfg)
         info["params"] = count_params(model_cfg)
         info["flops_per_token"] = flops_lib.flops_per_token(model_cfg, cfg.train.seq_len)
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    return info

@@ -19,9 +19,7 @@ the ptx data position; the frozen reference and reward model are re-read from th
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,8 +38,7 @@ from gptjax.sampling import SamplingConfig, prompt_and_response
 from gptjax.stages import rl
 from gptjax.stages.ppo import objective as ppo_lib
 from gptjax.stages.reward import sequence_rewards
-from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import metrics as metrics_lib
+from gptjax.train import run as run_lib
 from gptjax.train import workdir as workdir_lib
 from gptjax.train.optim import make_optimizer
 
@@ -130,10 +127,39 @@ def make_update_fn(policy_model: GPT, value_model: ScoreModel, policy_tx, value_
     return update
 
 
+@dataclasses.dataclass
+class Iteration:
+    """One PPO iteration's programs as ``run_ppo`` runs them (``experiments.bench`` times the same ones)."""
+
+    policy_tx: optax.GradientTransformation
+    value_tx: optax.GradientTransformation
+    kl_ctl: Any  # rl.FixedKLController | rl.AdaptiveKLController
+    experience: Callable  # jitted make_experience_fn
+    update: Callable  # jitted make_update_fn; donates the state
+
+    def init_state(self, policy_params, value_params, rng_key_data) -> PPOState:
+        """A state at iteration 0 holding (not copying) the given parameters, fresh optimizers and KL coefficient."""
+        return PPOState(step=jnp.zeros((), jnp.int32), policy_params=policy_params,
+                        policy_opt=self.policy_tx.init(policy_params), value_params=value_params,
+                        value_opt=self.value_tx.init(value_params), kl=self.kl_ctl.init(), rng=rng_key_data)
+
+
+def make_iteration(policy_model: GPT, value_model: ScoreModel, reward_model: ScoreModel,
+                   sampling_cfg: SamplingConfig, cfg: ppo_lib.PPOConfig, optim_cfg, total_updates: int,
+                   policy_params, value_params) -> Iteration:
+    """The optimizers (AdamW of ``optim_cfg`` over ``total_updates`` minibatch steps), the KL controller and the
+    jitted experience and update programs of one iteration."""
+    policy_tx, _ = make_optimizer(optim_cfg, total_updates, policy_params)
+    value_tx, _ = make_optimizer(optim_cfg, total_updates, value_params)
+    experience = jax.jit(make_experience_fn(policy_model, value_model, reward_model, sampling_cfg, cfg))
+    update = jax.jit(make_update_fn(policy_model, value_model, policy_tx, value_tx, cfg), donate_argnums=(0,))
+    return Iteration(policy_tx, value_tx, cfg.make_kl_controller(), experience, update)
+
+
 def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, reward_model: ScoreModel,
             policy_params, value_params, reward_params, prompts: Sequence[np.ndarray], pad_id: int, eos_id: int,
-            vocab_size: int | None = None, ptx_iter=None, eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None,
-            mesh=None) -> PPOResult:
+            vocab_size: int | None = None, ptx_iter=None,
+            eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None, mesh=None) -> PPOResult:
     """Run (or resume) PPO in ``workdir``. ``*_params`` are the initial (SFT / RM) parameters: the policy and
     reference start from ``policy_params``, the value model from ``value_params``; ``reward_params`` stay frozen.
 
@@ -148,115 +174,112 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
                           f"to turn PPO-ptx off")
     if not prompts:
         raise ConfigError("PPO needs at least one prompt (data.prompts)")
-    workdir = os.path.abspath(workdir)
-    workdir_lib.check_or_write_config(workdir, cfg, allow_change=bool(t.allow_config_change), write=False)
+    run = run_lib.RunContext(cfg, workdir)  # a workdir of another config is refused before anything is touched
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(tuple(cfg.mesh.shape))
     sharding_lib.check_batch_divisible(pcfg.minibatch_size, mesh, field="ppo.minibatch_size")
-
     sampling_cfg = SamplingConfig(max_new_tokens=int(cfg.sampling.max_new_tokens), temperature=pcfg.temperature,
                                   top_k=int(cfg.sampling.top_k), top_p=float(cfg.sampling.top_p),
                                   eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
                                   decode_segments=int(cfg.sampling.get("decode_segments", 1)))
     # All prompts left-padded to one length (the longest), so every iteration compiles once.
-    prompt_tokens, prompt_valid = sample_lib.left_pad(prompts, pad_id)
+    prompts_NP = sample_lib.left_pad(prompts, pad_id)
     total_updates = t.steps * pcfg.ppo_epochs * pcfg.num_minibatches
-    policy_tx, _ = make_optimizer(cfg.optim, total_updates, policy_params)
-    value_tx, _ = make_optimizer(cfg.optim, total_updates, value_params)
-    kl_ctl = pcfg.make_kl_controller()
+    iteration = make_iteration(policy_model, value_model, reward_model, sampling_cfg, pcfg, cfg.optim,
+                               total_updates, policy_params, value_params)
     base_key = jax.random.key(t.seed)
-
-    def fresh_state():
-        # Copies: the update donates the state's buffers, while the reference keeps the initial policy's.
-        copy = functools.partial(jax.tree.map, jnp.copy)
-        return PPOState(step=jnp.zeros((), jnp.int32), policy_params=copy(policy_params),
-                        policy_opt=policy_tx.init(policy_params), value_params=copy(value_params),
-                        value_opt=value_tx.init(value_params), kl=kl_ctl.init(),
-                        rng=jnp.copy(jax.random.key_data(base_key)))
-
-    ref_params = policy_params  # the frozen reference is the initial (SFT) policy
-    experience = jax.jit(make_experience_fn(policy_model, value_model, reward_model, sampling_cfg, pcfg))
-    update = jax.jit(make_update_fn(policy_model, value_model, policy_tx, value_tx, pcfg), donate_argnums=(0,))
-
-    workdir_lib.check_or_write_config(workdir, cfg, allow_change=bool(t.allow_config_change),
-                                      write=jax.process_index() == 0)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_ckpts))
-    latest = ckpt.latest_step()
-    state = fresh_state()
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                                state)
-        restored = ckpt.restore(latest, abstract)
-        state = restored.state
-        if ptx_iter is not None and restored.data_state is not None:
-            ptx_iter.set_state(restored.data_state)
-        logging.info("PPO resumed from %s/%d", ckpt.directory, latest)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step), enabled=jax.process_index() == 0)
-    metrics: dict = {}
-    start_step = int(state.step)
     # Positions each iteration scores and trains on (prompt + response slots, padding included).
-    episode_tokens = pcfg.rollout_batch_size * (prompt_tokens.shape[1] + sampling_cfg.max_new_tokens)
-    first_done = None  # when this run's first iteration (compilation included) ended: the ETA starts there
-    try:
+    episode_tokens = pcfg.rollout_batch_size * (prompts_NP[0].shape[1] + sampling_cfg.max_new_tokens)
+    with run:
+        state = _restore_or_init(run, iteration, policy_params, value_params, base_key, ptx_iter)
+        writer = run.open_metrics(int(state.step))
+        metrics: dict = {}
+        start_step = int(state.step)
+        clock = run_lib.StepClock(start_step, int(t.steps))
         for it in range(start_step, t.steps):
-            it_key = jax.random.fold_in(base_key, it)
-            draw_key, sample_key, update_key = jax.random.split(it_key, 3)
-            # Prompts: a pure function of (seed, iteration) so resume draws the same ones.
-            rng_np = np.random.default_rng(np.asarray(jax.random.key_data(draw_key)).astype(np.uint64))
-            idx = rng_np.choice(len(prompt_tokens), pcfg.rollout_batch_size,
-                                replace=len(prompt_tokens) < pcfg.rollout_batch_size)
-            t_roll = time.time()
-            # Prompts split over data x fsdp; under the mesh the model's logical constraints shard the rollout.
-            prompts_BP = jax.device_put(prompt_tokens[idx], sharding_lib.batch_sharding(mesh))
-            valid_BP = jax.device_put(prompt_valid[idx], sharding_lib.batch_sharding(mesh))
-            with sharding_lib.activate(mesh):
-                batch, roll_metrics = experience(state.policy_params, ref_params, state.value_params, reward_params,
-                                                 prompts_BP, valid_BP, sample_key, state.kl.kl_coef)
-            jax.block_until_ready(batch)
-            rollout_s = time.time() - t_roll
-            ptx = None
-            if pcfg.ptx_coef > 0:
-                ptx_batches = [next(ptx_iter) for _ in range(pcfg.ppo_epochs * pcfg.num_minibatches)]
-                ptx = jax.tree.map(lambda *xs: np.stack(xs).reshape(
-                    (pcfg.ppo_epochs, pcfg.num_minibatches) + xs[0].shape), *ptx_batches)
-            t_upd = time.time()
-            with sharding_lib.activate(mesh):
-                state, upd_metrics = update(state, batch, ptx, update_key)
-            new_kl = kl_ctl.update(state.kl, roll_metrics["kl"], pcfg.rollout_batch_size)
-            state = state.replace(step=state.step + 1, kl=new_kl)
-            jax.block_until_ready(state.step)
-            update_s = time.time() - t_upd
+            # The frozen reference is the initial (SFT) policy.
+            state, metrics, seconds = _iterate(it, state, iteration, policy_params, reward_params, prompts_NP,
+                                               base_key, pcfg, ptx_iter, mesh, episode_tokens)
             step = it + 1
-            metrics = {f"rollout/{k}": float(v) for k, v in roll_metrics.items()}
-            metrics.update({f"ppo/{k}": float(v) for k, v in upd_metrics.items()})
-            metrics.update({"ppo/kl_coef": float(state.kl.kl_coef), "time/rollout_s": rollout_s,
-                            "time/update_s": update_s,
-                            "time/rollout_fraction": rollout_s / max(rollout_s + update_s, 1e-9),
-                            "perf/episode_tokens_per_s": episode_tokens / max(rollout_s + update_s, 1e-9),
-                            "perf/rollout_new_tokens_per_s": pcfg.rollout_batch_size
-                            * metrics["rollout/response_length"] / max(rollout_s, 1e-9)})
             if eval_fn is not None and (step % t.eval_every == 0 or step == t.steps):
                 metrics.update({f"eval/{k}": float(v) for k, v in eval_fn(state.policy_params, step).items()})
             writer.write_scalars(step, metrics)
-            if first_done is None:
-                first_done = time.time()
+            if clock.step_done():
                 logging.info("PPO iteration %d took %.1f s (compilation included; ETAs start after it)", step,
-                             rollout_s + update_s)
+                             seconds)
             if step % t.log_every == 0 or step == t.steps:
-                done_since = step - start_step - 1
-                per_it = (time.time() - first_done) / done_since if done_since else rollout_s + update_s
-                logging.info("ppo %d/%d | score %.3f | kl %.3f | reward %.3f | eos %.2f | len %.1f | "
-                             "clip %.3f | %s episode tok/s | rollout %.0f%%, %s new tok/s | ETA %s", step, t.steps,
-                             metrics["rollout/score"], metrics["rollout/kl"], metrics["rollout/reward"],
-                             metrics["rollout/eos_rate"], metrics["rollout/response_length"],
-                             metrics["ppo/clip_frac"], f"{metrics['perf/episode_tokens_per_s']:,.0f}",
-                             100 * metrics["time/rollout_fraction"],
-                             f"{metrics['perf/rollout_new_tokens_per_s']:,.0f}",
-                             datetime.timedelta(seconds=round(per_it * (t.steps - step))))
+                _log_progress(step, t.steps, metrics, clock.eta(step, seconds))
             if step % t.ckpt_every == 0 or step == t.steps:
-                ckpt.save(step, state, data_state=None if ptx_iter is None else ptx_iter.get_state(),
-                          config=workdir_lib.config_to_dict(cfg))
-        ckpt.wait()
-    finally:
-        ckpt.close()
-        writer.close()
-    return PPOResult(step=int(state.step), metrics=metrics, state=state, workdir=workdir)
+                run.ckpt.save(step, state, data_state=None if ptx_iter is None else ptx_iter.get_state(),
+                              config=workdir_lib.config_to_dict(cfg))
+    return PPOResult(step=int(state.step), metrics=metrics, state=state, workdir=run.workdir)
+
+
+def _restore_or_init(run: run_lib.RunContext, iteration: Iteration, policy_params, value_params, base_key,
+                     ptx_iter) -> PPOState:
+    """The workdir's latest checkpoint (and ptx data position), else a fresh state."""
+    # Copies: the update donates the state's buffers, while the reference keeps the initial policy's.
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    state = iteration.init_state(copy(policy_params), copy(value_params), jnp.copy(jax.random.key_data(base_key)))
+    latest = run.ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                                state)
+        restored = run.ckpt.restore(latest, abstract)
+        state = restored.state
+        if ptx_iter is not None and restored.data_state is not None:
+            ptx_iter.set_state(restored.data_state)
+        logging.info("PPO resumed from %s/%d", run.ckpt.directory, latest)
+    return state
+
+
+def _iterate(it: int, state: PPOState, iteration: Iteration, ref_params, reward_params, prompts_NP, base_key,
+             pcfg: ppo_lib.PPOConfig, ptx_iter, mesh, episode_tokens: int) -> tuple[PPOState, dict, float]:
+    """Iteration ``it``: rollout, update, KL controller; returns (new state, its metrics, its seconds)."""
+    prompt_tokens, prompt_valid = prompts_NP
+    it_key = jax.random.fold_in(base_key, it)
+    draw_key, sample_key, update_key = jax.random.split(it_key, 3)
+    # Prompts: a pure function of (seed, iteration) so resume draws the same ones.
+    rng_np = np.random.default_rng(np.asarray(jax.random.key_data(draw_key)).astype(np.uint64))
+    idx = rng_np.choice(len(prompt_tokens), pcfg.rollout_batch_size,
+                        replace=len(prompt_tokens) < pcfg.rollout_batch_size)
+    t_roll = time.time()
+    # Prompts split over data x fsdp; under the mesh the model's logical constraints shard the rollout.
+    prompts_BP = jax.device_put(prompt_tokens[idx], sharding_lib.batch_sharding(mesh))
+    valid_BP = jax.device_put(prompt_valid[idx], sharding_lib.batch_sharding(mesh))
+    with sharding_lib.activate(mesh):
+        batch, roll_metrics = iteration.experience(state.policy_params, ref_params, state.value_params,
+                                                   reward_params, prompts_BP, valid_BP, sample_key,
+                                                   state.kl.kl_coef)
+    jax.block_until_ready(batch)
+    rollout_s = time.time() - t_roll
+    ptx = None
+    if pcfg.ptx_coef > 0:
+        ptx_batches = [next(ptx_iter) for _ in range(pcfg.ppo_epochs * pcfg.num_minibatches)]
+        ptx = jax.tree.map(lambda *xs: np.stack(xs).reshape(
+            (pcfg.ppo_epochs, pcfg.num_minibatches) + xs[0].shape), *ptx_batches)
+    t_upd = time.time()
+    with sharding_lib.activate(mesh):
+        state, upd_metrics = iteration.update(state, batch, ptx, update_key)
+    new_kl = iteration.kl_ctl.update(state.kl, roll_metrics["kl"], pcfg.rollout_batch_size)
+    state = state.replace(step=state.step + 1, kl=new_kl)
+    jax.block_until_ready(state.step)
+    update_s = time.time() - t_upd
+    metrics = {f"rollout/{k}": float(v) for k, v in roll_metrics.items()}
+    metrics.update({f"ppo/{k}": float(v) for k, v in upd_metrics.items()})
+    metrics.update({"ppo/kl_coef": float(state.kl.kl_coef), "time/rollout_s": rollout_s,
+                    "time/update_s": update_s,
+                    "time/rollout_fraction": rollout_s / max(rollout_s + update_s, 1e-9),
+                    "perf/episode_tokens_per_s": episode_tokens / max(rollout_s + update_s, 1e-9),
+                    "perf/rollout_new_tokens_per_s": pcfg.rollout_batch_size
+                    * metrics["rollout/response_length"] / max(rollout_s, 1e-9)})
+    return state, metrics, rollout_s + update_s
+
+
+def _log_progress(step: int, steps: int, metrics: Mapping[str, float], eta) -> None:
+    logging.info("ppo %d/%d | score %.3f | kl %.3f | reward %.3f | eos %.2f | len %.1f | "
+                 "clip %.3f | %s episode tok/s | rollout %.0f%%, %s new tok/s | ETA %s", step, steps,
+                 metrics["rollout/score"], metrics["rollout/kl"], metrics["rollout/reward"],
+                 metrics["rollout/eos_rate"], metrics["rollout/response_length"],
+                 metrics["ppo/clip_frac"], f"{metrics['perf/episode_tokens_per_s']:,.0f}",
+                 100 * metrics["time/rollout_fraction"],
+                 f"{metrics['perf/rollout_new_tokens_per_s']:,.0f}", eta)
