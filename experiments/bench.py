@@ -23,7 +23,7 @@ from gptjax.tools import bench
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config, e.g. configs/bench.py:cpu-tiny.",
                                           lock_config=True)
-_WORKLOADS = flags.DEFINE_string("workloads", None, f"Comma-separated subset of {','.join(bench.WORKLOADS)} "
+_WORKLOADS = flags.DEFINE_string("workloads", None, f"Comma-separated subset of {','.join(bench.workloads())} "
                                  "(default: the config's own list).")
 _OUT = flags.DEFINE_string("out", None, "Write the results (and environment) as JSON here.")
 _LABEL = flags.DEFINE_string("label", "", "Tag for this run's rows (e.g. the variant measured).")

@@ -7,7 +7,7 @@ Multi-turn: the model sees the whole conversation, rendered with the template SF
 
 from absl import app, flags
 
-from gptjax.stages.common import load_policy
+from gptjax.stages.registry import load_policy
 from gptjax.tools.chat_session import ChatSession, run_repl
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run whose last checkpoint to chat with.", required=True)

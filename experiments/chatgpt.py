@@ -9,12 +9,11 @@ mean and per-seed values are written to WORKDIR/summary.md and WORKDIR/summary.j
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.seed_world import pipeline
+from gptjax.seed_world import pipeline, tables
 
 from gptjax.train import metrics as metrics_lib
 
@@ -35,13 +34,13 @@ def main(argv):
         workdir = _WORKDIR.value if len(seeds) == 1 else os.path.join(_WORKDIR.value, f"seed{seed}")
         results = pipeline.run_pipeline(seed_cfg, workdir)
         print(f"\n=== seed {seed} ({results['timings_s']['total']:.0f} s) ===")
-        print(pipeline.format_table(results))
+        print(tables.format_table(results))
         all_results.append(results)
     if len(seeds) > 1:
-        summary = pipeline.summarize_seeds(all_results)
+        summary = tables.summarize_seeds(all_results)
         with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
-        table = pipeline.format_seed_summary(summary)
+        table = tables.format_seed_summary(summary)
         with open(os.path.join(_WORKDIR.value, "summary.md"), "w") as f:
             f.write(table + "\n")
         print("\n" + table)

@@ -1,8 +1,8 @@
 """Train one stage from a config: ``python -m experiments.train --config=configs/pretrain.py:<preset> --workdir=DIR``.
 
 Any config field can be overridden (``--config.optim.lr=3e-4``). Re-running the same command resumes from the
-workdir's last checkpoint. ``config.stage`` picks the stage runner in ``gptjax.train.runners.STAGES``, which
-turns the config into a model, an objective and data iterators for the shared training loop.
+workdir's last checkpoint. ``config.stage`` names the stage (``gptjax.stages.registry``), whose runner turns
+the config into a model, an objective and data iterators for its training loop.
 Bad input ends in one error line and exit status 1.
 """
 
@@ -17,8 +17,8 @@ from ml_collections import config_flags
 from gptjax import distributed
 from gptjax.assets import AssetMissingError
 from gptjax.errors import ConfigError, DataError
-from gptjax.stages import common as runners
-from gptjax.train import loop, metrics as metrics_lib, workdir as workdir_lib
+from gptjax.stages import registry
+from gptjax.train import loop, metrics as metrics_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
                                           lock_config=True)
@@ -79,14 +79,7 @@ def main(argv):
     if _ALLOW_CONFIG_CHANGE.value:
         cfg.train.allow_config_change = True
     try:
-        if cfg.stage not in runners.STAGES:
-            raise ConfigError(f"config.stage={cfg.stage!r} is unknown; valid stages: {sorted(runners.STAGES)}")
-        # Refuse a workdir of another config before spending time on data; the loop checks again and writes.
-        # Later stages store their config with the inherited (from_init) model and tokenizer filled in.
-        stored_form = runners.resolved_config(cfg) if cfg.stage != "pretrain" else cfg
-        workdir_lib.check_or_write_config(workdir, stored_form, allow_change=bool(cfg.train.allow_config_change),
-                                          write=False)
-        result = runners.STAGES[cfg.stage](cfg, workdir)
+        result = registry.run_stage(cfg, workdir)
     except USER_ERRORS as e:
         logging.flush()
         sys.exit(f"error: {e}")

@@ -48,6 +48,11 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, *, causal_attention_half: bool
     return 6 * matmul_params(cfg) + attention
 
 
+def score_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """``flops_per_token`` of the decoder without the V×d output projection (a score head has none)."""
+    return flops_per_token(cfg, seq_len) - 6 * cfg.vocab_size * cfg.d_model
+
+
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
     """Dense bf16 peak of ``device`` (default: the first device); None when unknown (e.g. CPU)."""
     device = jax.devices()[0] if device is None else device

@@ -4,7 +4,7 @@
 References: parameter counts against model.count_params of the config the trainer recorded (run_info.json) and
 against the raw checkpoint's array sizes; weight/update norms and checkpoint differences against numpy norms of the
 arrays orbax restores without our loaders; the LM loss against a plain forward pass + log-softmax; greedy samples
-against a KV-cache-free argmax decoder; RM accuracy against pipeline.reward_accuracy and answer scores against
+against a KV-cache-free argmax decoder; RM accuracy against evaluation.reward_accuracy and answer scores against
 ScoreModel.reward with the stored bias; the KL against the sampler's own log-probs minus a plain reference forward.
 """
 
@@ -21,15 +21,16 @@ import pytest
 
 from configs import overopt as overopt_config
 from gptjax import sampling
-from gptjax.data import chat
+from gptjax.data import chat, post_training
 from gptjax.data.pipeline import make_lm_iterator
 from gptjax.errors import ConfigError, DataFormatError
 from gptjax.model import GPT, GPTConfig, ScoreModel, count_params
-from gptjax.seed_world import overopt
-from gptjax.seed_world import pipeline
-from gptjax.stages import common as runners
+from gptjax.seed_world import evaluation, overopt
+from gptjax.stages import common, registry, reward
+from gptjax.stages import rollouts as rollouts_lib
 from gptjax.stages.reward import shift_reward_bias
 from gptjax.tools import analysis
+from gptjax.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def two_checkpoints(smoke_pipeline, tmp_path_factory):
     p.train.steps, p.train.ckpt_every, p.train.eval_every, p.train.eval_batches = 4, 2, 0, 2
     p.train.sample_prompts = ()
     workdir = str(tmp_path_factory.mktemp("two_ckpts"))
-    runners.run_pretrain(p, workdir)
+    registry.get("pretrain").run(p, workdir)
     return workdir
 
 
@@ -140,7 +141,7 @@ def test_pretrain_report_through_the_binary(two_checkpoints, tmp_path):
 
     # Loss on the validation split: a plain forward + log-softmax over the same two batches.
     stored = overopt.stored_config(two_checkpoints)
-    tok = runners.build_tokenizer(stored.tokenizer)
+    tok = common.build_tokenizer(stored.tokenizer)
     it = make_lm_iterator(stored.data, tok, split="validation", global_batch_size=int(stored.train.batch_size),
                           seq_len=int(stored.train.seq_len), seed=int(stored.train.seed), num_epochs=1)
     params = jax.tree.map(jnp.asarray, new)
@@ -209,9 +210,9 @@ def test_reward_report_scores_answers_like_the_reward_model(smoke_pipeline, tmp_
     params = jax.tree.map(jnp.asarray, raw)
     labels_eval = os.path.join(smoke_pipeline, "labels", "rankings_eval.jsonl")
     assert result["loss"]["pairwise_accuracy"] == pytest.approx(
-        pipeline.reward_accuracy(model, params, labels_eval, run.tokenizer, int(run.config.train.seq_len)), abs=1e-9)
+        evaluation.reward_accuracy(model, params, labels_eval, run.tokenizer, int(run.config.train.seq_len)), abs=1e-9)
 
-    with open(os.path.join(rm_dir, runners.REWARD_BIAS_FILE)) as f:
+    with open(os.path.join(rm_dir, reward.REWARD_BIAS_FILE)) as f:
         shift = json.load(f)["shift"]
     scores = result["answer_scores"]
     assert scores["centred"] and scores["bias_shift"] == pytest.approx(shift)
@@ -227,7 +228,7 @@ def test_reward_report_scores_answers_like_the_reward_model(smoke_pipeline, tmp_
         assert s["score"] == pytest.approx(float(expected[0]), abs=1e-4)
     answers.write_text(json.dumps({"prompt": "Is 27 prime?"}) + "\n")
     with pytest.raises(DataFormatError, match="answers.jsonl:1"):
-        analysis.read_answers(str(answers))
+        post_training.read_answers(str(answers))
 
 
 @pytest.mark.slow
@@ -247,11 +248,11 @@ def test_ppo_report_policy_value_and_kl(smoke_pipeline, tmp_path):
     run = analysis.open_run(ppo_dir)
     policy = run.components[0].model
     ppo_params = jax.tree.map(jnp.asarray, raw_policy)
-    sft_params = jax.tree.map(jnp.asarray, _raw(sft_dir, analysis.finished_steps(sft_dir)[-1]))
+    sft_params = jax.tree.map(jnp.asarray, _raw(sft_dir, ckpt_lib.finished_steps(sft_dir)[-1]))
     tok = run.tokenizer
     cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                   vocab_size=tok.vocab_size)
-    engine = analysis.RolloutEngine(policy, cfg, batch_size=4)
+    engine = rollouts_lib.RolloutEngine(policy, cfg, batch_size=4)
     prompts = [chat.render_prompt(chat.user_turn(q), tok).tolist() for q in ("Is 27 prime?", "13 是質數嗎？")]
     rollouts = engine.generate(ppo_params, prompts, seed=3)
     kl = engine.kl(ppo_params, sft_params, rollouts)

@@ -23,6 +23,7 @@ import pytest
 from configs.bench import CONFIGS, GPU_CONFIGS, get_config
 from gptjax.errors import ConfigError
 from gptjax.tools import bench
+from gptjax.tools.bench import timing
 
 H100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
 CPU = types.SimpleNamespace(platform="cpu", device_kind="cpu")
@@ -103,7 +104,7 @@ def test_mfu_equals_hand_formula():
     assert hand == 855_383_040
     from gptjax import flops
     assert flops.flops_per_token(cfg, 1024) == hand
-    assert bench.score_flops_per_token(cfg, 1024) == hand - head
+    assert flops.score_flops_per_token(cfg, 1024) == hand - head
     tokens_per_s = 600_000
     expected = tokens_per_s * hand / 989e12
     assert bench.model_mfu(tokens_per_s, hand, [H100]) == pytest.approx(expected, rel=1e-12)
@@ -134,8 +135,8 @@ def test_batch_candidates_take_the_first_that_fits(monkeypatch):
     c = smoke_config()
     c.batch_candidates = "8:none,4:full"
     sizes = iter([10**12, 10**3])  # the first program is "too big" for a 1 MB device, the second fits
-    monkeypatch.setattr(bench, "_device_limit", lambda devices: 10**6)
-    monkeypatch.setattr(bench, "program_bytes", lambda compiled: next(sizes))
+    monkeypatch.setattr(timing, "device_limit", lambda devices: 10**6)
+    monkeypatch.setattr(timing, "program_bytes", lambda compiled: next(sizes))
     (r,) = bench.run(c, "pretrain")
     assert r.status == "ok" and r.batch == 4 and "remat:full" in r.model
     assert len(r.extra["candidates_tried"]) == 2 and r.tokens_per_call == 4 * c.seq_len
@@ -147,7 +148,7 @@ def test_bad_input_gives_one_clear_error():
         bench.run(c, "pretrain,train")
     c.batch_candidates = "8:fast"
     with pytest.raises(ConfigError, match="B:remat"):
-        bench._batch_candidates(c, bench.model_config(c))
+        bench.batch_candidates(c, bench.model_config(c))
     with pytest.raises(ValueError, match="cpu-tiny"):
         get_config("gpt4")
 

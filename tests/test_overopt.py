@@ -3,7 +3,7 @@
 References: the fits recover α, β from synthetic data generated with them (noiseless: exactly; with noise: within
 4 standard errors and 0.05); KL(BoN ‖ π) = log N − (N−1)/N against the exact KL of best-of-N over a fine uniform
 base distribution; the best-of-n estimator against brute force over every n-subset (ties included); the smoke
-study's numbers against the gold oracle re-applied to its saved answers, pipeline.reward_accuracy (a second
+study's numbers against the gold oracle re-applied to its saved answers, evaluation.reward_accuracy (a second
 implementation of the RM accuracy) and the PPO runs' own checkpoints.
 """
 
@@ -18,9 +18,8 @@ import pytest
 from configs import overopt as overopt_config
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
-from gptjax.seed_world import overopt
+from gptjax.seed_world import evaluation, overopt
 from gptjax.seed_world import world as world_lib
-from gptjax.seed_world import pipeline
 from gptjax.tools import analysis
 from gptjax.train import checkpoint as ckpt_lib
 
@@ -124,7 +123,7 @@ def test_smoke_study_end_to_end(smoke_pipeline, tmp_path):
         rm_dir = os.path.join(out, "proxies", name, "reward")
         run = analysis.open_run(rm_dir)
         params = run.load(run.components[0])
-        expected = pipeline.reward_accuracy(run.components[0].model, params, labels_eval, run.tokenizer,
+        expected = evaluation.reward_accuracy(run.components[0].model, params, labels_eval, run.tokenizer,
                                             int(run.config.train.seq_len))
         assert results["proxies"][name]["heldout_pairwise_accuracy"] == pytest.approx(expected, abs=1e-9)
 

@@ -17,8 +17,9 @@ from configs import chatgpt as chatgpt_config
 from gptjax import sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
-from gptjax.seed_world import pipeline
-from gptjax.stages import common as runners
+from gptjax.seed_world import evaluation, pipeline, tables
+from gptjax.seed_world import world as world_lib
+from gptjax.stages import registry
 from gptjax.tools.chat_session import ChatSession, run_repl
 from gptjax.train import checkpoint as ckpt_lib
 
@@ -39,13 +40,13 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
             for metric in ("balanced_accuracy", "valid_reason_rate", "language_match"):
                 assert 0.0 <= results[stage][f"{mode}/{metric}"] <= 1.0
         assert results[stage][f"sampled/num_questions"] == len(
-            pipeline.world_lib.build_world(pipeline.world_lib.SeedWorldConfig(
+            world_lib.build_world(world_lib.SeedWorldConfig(
                 **{**chatgpt_config.get_config("smoke").world.to_dict(), "seed": 0})).heldout_questions)
         assert set(results[stage]["showcase"]) == {"27 是不是質數？", "Is 27 a prime number?"}
     assert results["sft"]["kl_to_sft"] == 0.0
     assert np.isfinite(results["ppo"]["kl_to_sft"])
     assert 0.0 <= results["reward"]["heldout_pairwise_accuracy"] <= 1.0
-    table = pipeline.format_table(results)
+    table = tables.format_table(results)
     assert "pretrain" in table and "reward model" in table
     # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.
     for stage, has_perplexity in (("pretrain", True), ("sft", True), ("reward", False)):
@@ -90,24 +91,24 @@ def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
     # SFT for one step at a vanishing learning rate ends where pretraining ended.
     s.train.steps, s.optim.lr, s.optim.weight_decay = 1, 1e-12, 0.0
     s.train.eval_every, s.train.ckpt_every, s.train.sample_prompts = 0, 1, ()
-    runners.run_sft(s, str(tmp_path / "sft"))
-    _, pre_params, _, _ = runners.load_policy(os.path.join(workdir, "pretrain"))
-    _, sft_params, _, _ = runners.load_policy(str(tmp_path / "sft"))
+    registry.get("sft").run(s, str(tmp_path / "sft"))
+    _, pre_params, _, _ = registry.load_policy(os.path.join(workdir, "pretrain"))
+    _, sft_params, _, _ = registry.load_policy(str(tmp_path / "sft"))
     _params_close(pre_params, sft_params)
     # The reward model's decoder comes from SFT; its score head is new.
     r.train.steps, r.optim.lr, r.optim.weight_decay, r.optim.warmup_steps = 1, 1e-12, 0.0, 0
     r.train.eval_every, r.train.ckpt_every = 0, 1
     r.data.demos_path = ""
-    result = runners.run_reward(r, str(tmp_path / "rm"))
-    _, sft_run_params, _, _ = runners.load_policy(os.path.join(workdir, "sft"))
+    result = registry.get("reward").run(r, str(tmp_path / "rm"))
+    _, sft_run_params, _, _ = registry.load_policy(os.path.join(workdir, "sft"))
     _params_close(sft_run_params["decoder"], jax.device_get(result.state.params)["decoder"])
     with pytest.raises(ConfigError, match="reward-model run"):
-        runners.load_policy(str(tmp_path / "rm"))
+        registry.load_policy(str(tmp_path / "rm"))
 
 
 def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke):
     workdir, _, _ = smoke
-    model, params, tokenizer, stage = runners.load_policy(os.path.join(workdir, "ppo"))
+    model, params, tokenizer, stage = registry.load_policy(os.path.join(workdir, "ppo"))
     assert stage == "ppo"
     question = "Is 27 a prime number?"
     session = ChatSession(model, params, tokenizer, temperature=0.0, max_new_tokens=12)
@@ -132,10 +133,10 @@ def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
     """S answers per question: each sampled metric is the mean of the oracle's metrics of S independently sampled
     answer sets (salt 0, then 2.. — salt 1 belongs to the KL samples); greedy ones are unchanged."""
     workdir, cfg, results = smoke
-    world = pipeline.world_lib.build_world(pipeline.world_lib.SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
-    model, params, tokenizer, _ = runners.load_policy(os.path.join(workdir, "sft"))
-    evaluator = pipeline.StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=0)
-    stage = pipeline.StageModel("sft", model, params, True)
+    world = world_lib.build_world(world_lib.SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
+    model, params, tokenizer, _ = registry.load_policy(os.path.join(workdir, "sft"))
+    evaluator = evaluation.StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=0)
+    stage = evaluation.StageModel("sft", model, params, True)
     questions = world.heldout_questions
     per_set = [world.oracle.evaluate(questions, evaluator.generate(stage, questions, 1.0, salt)[0]) for salt in (0, 2, 3)]
     assert len({tuple(sorted(m.items())) for m in per_set}) > 1, "the answer sets should differ"

@@ -11,7 +11,7 @@ from gptjax import assets
 from gptjax.data import builders, shakespeare_sp
 from gptjax.data.pipeline import default_data_config
 from gptjax.errors import ConfigError
-from gptjax.stages import common as runners
+from gptjax.stages import common
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_trained_on_the_training_split_cached_and_round_trips(tmp_cache):
     path = shakespeare_sp.model_path("shakespeare:400")
     assert path.startswith(str(tmp_cache)) and "shakespeare_400_" in path
     mtime = shakespeare_sp.Path(path).stat().st_mtime_ns
-    tok = runners.build_tokenizer(types.SimpleNamespace(kind="sentencepiece", path="shakespeare:400"))
+    tok = common.build_tokenizer(types.SimpleNamespace(kind="sentencepiece", path="shakespeare:400"))
     assert shakespeare_sp.Path(path).stat().st_mtime_ns == mtime  # reused, not retrained
     assert 300 < tok.vocab_size <= 400 + 16
     text = val[0][:3000]
@@ -44,7 +44,7 @@ def test_trained_on_the_training_split_cached_and_round_trips(tmp_cache):
 @pytest.mark.parametrize("spec", ["shakespeare:abc", "shakespeare:200", "shakespeare:"])
 def test_bad_spec_is_one_clear_error(spec):
     with pytest.raises(ConfigError, match="shakespeare:<pieces>"):
-        runners.build_tokenizer(types.SimpleNamespace(kind="sentencepiece", path=spec))
+        common.build_tokenizer(types.SimpleNamespace(kind="sentencepiece", path=spec))
 
 
 def test_shakespeare_sp_config_names_the_vocabulary():

@@ -7,6 +7,7 @@ Formats, one JSON object per line (blank lines are skipped; keys other than thes
   Rankings   {"prompt": "question" | [messages ending with a user turn], "responses": [best, ..., worst]}
              2 <= K <= 9 distinct, non-empty responses ordered best -> worst (InstructGPT's K-wise comparisons).
   Prompts    {"prompt": "question" | [messages ending with a user turn]}         (PPO rollouts, evaluation)
+  Answers    {"prompt": ..., "response": "..."} or {"prompt": ..., "responses": [...]}  (scored by a reward model)
 
 Every reader takes a *source*: a JSONL path, a sequence of already-parsed records (dicts), or a split of the TFDS
 dataset built by `build_tfds` (which keeps each record's original "file:line"). Any bad record raises one
@@ -374,6 +375,26 @@ def prompt_examples(source: Source, tokenizer, max_prompt_len: int) -> list[np.n
     if not prompts:
         raise DataFormatError(f"{source}: no prompts found")
     return prompts
+
+
+def read_answers(source: Source) -> list[tuple[str, list[Mapping], str]]:
+    """(where, prompt conversation, response) of each answer to score: records {"prompt", "response"} or
+    {"prompt", "responses": [...]} (one entry per response)."""
+    out = []
+    for where, record in iter_records(source):
+        conversation = parse_prompt(where, record)
+        if "response" in record:
+            responses = [record["response"]]
+        elif "responses" in record and isinstance(record["responses"], list):
+            responses = record["responses"]
+        else:
+            raise DataFormatError(
+                f"{where}: expected {{\"prompt\": ..., \"response\": str}} or {{\"prompt\": ..., \"responses\": "
+                f"[str, ...]}} (present: {sorted(record)})")
+        out += [(where, conversation, r) for r in responses]
+    if not out:
+        raise DataFormatError(f"{source}: no answers found")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

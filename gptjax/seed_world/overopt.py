@@ -6,7 +6,7 @@ the same labelled comparisons (the pipeline's ``labels/rankings_train.jsonl``); 
 against each proxy by
 
 * best-of-N: for held-out questions, sample answers from the SFT policy, keep the proxy's favourite of N; with
-  KL(BoN ‖ π_SFT) = log N − (N − 1)/N (reference.md), and
+  KL(BoN ‖ π_SFT) = log N − (N − 1)/N (Gao et al. 2022, after Stiennon et al. 2020), and
 * PPO: a run per proxy, its policy evaluated along training (gold and proxy reward, KL(π ‖ π_SFT) by sampling),
 
 and gold and proxy reward are plotted against d = √KL. Gao et al.'s functional forms are fitted to the gold reward
@@ -22,7 +22,7 @@ proxies whose quality grows with size (the table reports each one's held-out acc
 al., whose proxies are pretrained models of different sizes.
 
 Everything lands in ``OUT`` (default ``WORKDIR/overopt``); each part is skipped when its result is already there,
-so an interrupted study resumes. See docs/analysis.md.
+so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ from gptjax import sampling, sharding
 
 from gptjax.data import chat, post_training
 from gptjax.errors import ConfigError
-from gptjax.model import GPT, ScoreModel
-from gptjax.seed_world import world as world_lib
+from gptjax.model import ScoreModel
 from gptjax.seed_world import pipeline
-from gptjax.stages import common as runners
+from gptjax.seed_world import world as world_lib
+from gptjax.stages import common, registry, reward
+from gptjax.stages import rollouts as rollouts_lib
 from gptjax.stages.ppo import loop as ppo_loop
-from gptjax.tools import analysis
+from gptjax.stages.ppo import stage as ppo_stage
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
 from gptjax.train import workdir as workdir_lib
@@ -186,7 +187,7 @@ def stored_config(run_dir: str) -> ml_collections.ConfigDict:
 def run_finished(run_dir: str, cfg, steps: int) -> bool:
     """Whether the run in ``run_dir`` is complete; a run there of another config is an error, never reused."""
     workdir_lib.check_or_write_config(run_dir, cfg, write=False)
-    done = analysis.finished_steps(run_dir)
+    done = ckpt_lib.finished_steps(run_dir)
     return bool(done) and done[-1] >= steps
 
 
@@ -206,20 +207,20 @@ def train_proxy(spec: ProxySpec, pipeline_dir: str, out_dir: str, *, pretrain_st
         p.train.sample_prompts = ()
         if not run_finished(pre_dir, p, steps):
             logging.info("proxy %s: pretraining %s for %d steps", spec.name, spec, steps)
-            runners.run_pretrain(p, pre_dir)
+            registry.get("pretrain").run(p, pre_dir)
     r = stored_config(os.path.join(pipeline_dir, "reward"))
     for key in list(r.model.keys()):  # the model (and tokenizer) come from the proxy's own pretraining run
         r.model[key] = None
-    r.model.preset = runners.FROM_INIT
-    r.tokenizer.kind, r.tokenizer.path = runners.FROM_INIT, ""
+    r.model.preset = common.FROM_INIT
+    r.tokenizer.kind, r.tokenizer.path = common.FROM_INIT, ""
     r.train.init_from = pre_dir
     r.train.steps = int(rm_steps) or int(r.train.steps)
     if rm_lr:
         r.optim.lr = float(rm_lr)
     rm_dir = os.path.join(out_dir, "proxies", spec.name, "reward")
-    if not run_finished(rm_dir, runners.resolved_config(r), int(r.train.steps)):
+    if not run_finished(rm_dir, common.resolved_config(r), int(r.train.steps)):
         logging.info("proxy %s: reward model for %d steps from %s", spec.name, r.train.steps, pre_dir)
-        runners.run_reward(r, rm_dir)
+        registry.get("reward").run(r, rm_dir)
     return pre_dir, rm_dir
 
 
@@ -236,16 +237,16 @@ class Proxy:
 def load_proxy(spec: ProxySpec, rm_dir: str, labels_eval: str, tokenizer, mesh) -> Proxy:
     stored = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(rm_dir))
     seq_len = int(stored.train.seq_len)
-    cfg = runners.build_model_config(runners.resolve_from_init(stored)[0], tokenizer, seq_len)
-    model = ScoreModel(cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
-    params = runners.load_reward_params(rm_dir, runners.abstract_params_of(model, mesh), rm_dir)
-    acc = analysis.ranking_metrics(model, params, labels_eval, tokenizer, seq_len)["pairwise_accuracy"]
-    return Proxy(spec, rm_dir, model, params, analysis.expected_counts(model)["non_embedding"], acc)
+    cfg = common.build_model_config(common.resolve_from_init(stored)[0], tokenizer, seq_len)
+    model = ScoreModel(common.no_dropout(cfg))
+    params = reward.load_reward_params(rm_dir, common.abstract_params_of(model, mesh), rm_dir)
+    acc = reward.ranking_metrics(model, params, labels_eval, tokenizer, seq_len)["pairwise_accuracy"]
+    return Proxy(spec, rm_dir, model, params, common.expected_counts(model)["non_embedding"], acc)
 
 
 # --- scoring sampled answers ------------------------------------------------------------------------------------
 
-def score(rollouts: analysis.Rollouts, questions: Sequence[world_lib.Question], tokenizer, oracle, proxies,
+def score(rollouts: rollouts_lib.Rollouts, questions: Sequence[world_lib.Question], tokenizer, oracle, proxies,
           no_eos_penalty: float | None) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
     """(answer texts, gold scores, {proxy name: rewards}) of one response per question; as in PPO, an answer that
     never emitted EOS gets ``no_eos_penalty`` from every proxy (None: the raw reward)."""
@@ -253,7 +254,7 @@ def score(rollouts: analysis.Rollouts, questions: Sequence[world_lib.Question], 
     gold = np.array([oracle.score(q, a) for q, a in zip(questions, answers)])
     proxy = {}
     for p in proxies:
-        s = analysis.reward_scores(p.model, p.params, rollouts.tokens_BT, rollouts.valid_BT)
+        s = reward.reward_scores(p.model, p.params, rollouts.tokens_BT, rollouts.valid_BT)
         proxy[p.spec.name] = s if no_eos_penalty is None else np.where(rollouts.finished_B, s, no_eos_penalty)
     return answers, gold, proxy
 
@@ -267,14 +268,14 @@ def spread(items: Sequence, k: int) -> list:
 
 # --- best-of-N --------------------------------------------------------------------------------------------------
 
-def best_of_n(engine: analysis.RolloutEngine, sft_params, questions, tokenizer, oracle, proxies, *,
+def best_of_n(engine: rollouts_lib.RolloutEngine, sft_params, questions, tokenizer, oracle, proxies, *,
               samples_per_prompt: int, n_values: Sequence[int], no_eos_penalty, seed: int, cache: str) -> dict:
     """Samples ``samples_per_prompt`` answers per question once; best-of-n curves for every n and proxy."""
     names = [p.spec.name for p in proxies]
     S = samples_per_prompt
     # What the samples and scores depend on: a cache of other settings is recomputed, never reused.
     meta = json.dumps({"questions": [q.text for q in questions], "S": S, "seed": seed, "sampling": repr(engine.cfg),
-                       "proxies": {p.spec.name: [p.run_dir, analysis.finished_steps(p.run_dir)[-1]] for p in proxies},
+                       "proxies": {p.spec.name: [p.run_dir, ckpt_lib.finished_steps(p.run_dir)[-1]] for p in proxies},
                        "no_eos_penalty": no_eos_penalty}, sort_keys=True)
     cached = np.load(cache) if os.path.exists(cache) else None
     if cached is None or "meta" not in cached.files or str(cached["meta"]) != meta:
@@ -316,32 +317,11 @@ def _ranks(x) -> np.ndarray:
 # --- PPO against a proxy ----------------------------------------------------------------------------------------
 
 def run_ppo_on_proxy(cfg, workdir: str, eval_fn: Callable) -> ppo_loop.PPOResult:
-    """PPO from the SFT run against the proxy at ``cfg.ppo_init.reward_from``; value model from the proxy too.
-
-    Like runners.run_ppo, except that the reward/value model takes the proxy run's own architecture (the proxies
-    are smaller than the policy). PPO-ptx is not used here (ppo.ptx_coef must be 0).
-    """
-    t = cfg.train
+    """PPO from the SFT run against the proxy at ``cfg.ppo_init.reward_from`` (reward and value model of the
+    proxy run's own architecture), by the PPO stage's runner; PPO-ptx is not used here (ppo.ptx_coef must be 0)."""
     if float(cfg.ppo.ptx_coef) > 0:
         raise ConfigError(f"the over-optimisation study runs plain PPO: set ppo.ptx_coef=0 (got {cfg.ppo.ptx_coef})")
-    tokenizer = runners.build_tokenizer(cfg.tokenizer)
-    max_prompt_len = int(cfg.sampling.max_prompt_len)
-    gpt_cfg = runners.build_model_config(cfg.model, tokenizer, max_prompt_len)
-    policy_model = GPT(gpt_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
-    rm_stored = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(cfg.ppo_init.reward_from))
-    rm_cfg = runners.build_model_config(runners.resolve_from_init(rm_stored)[0], tokenizer, max_prompt_len)
-    reward_model = ScoreModel(rm_cfg.replace(dropout_embed=0.0, dropout_resid=0.0, dropout_attn=0.0))
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    policy_params = runners.load_full_params(t.init_from, runners.abstract_params_of(policy_model, mesh),
-                                             "train.init_from")
-    reward_abstract = runners.abstract_params_of(reward_model, mesh)
-    reward_params = runners.load_reward_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
-    value_params = runners.load_full_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
-    prompts = post_training.prompt_examples(cfg.data.prompts_path, tokenizer, max_prompt_len)
-    return ppo_loop.run_ppo(cfg, workdir, policy_model=policy_model, value_model=reward_model,
-                            reward_model=reward_model, policy_params=policy_params, value_params=value_params,
-                            reward_params=reward_params, prompts=prompts, pad_id=tokenizer.pad_id,
-                            eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, eval_fn=eval_fn, mesh=mesh)
+    return ppo_stage.run(cfg, workdir, eval_fn)
 
 
 def ppo_config(pipeline_dir: str, rm_dir: str, rl) -> ml_collections.ConfigDict:
@@ -396,6 +376,43 @@ def _heldout(pipeline_dir: str) -> list[world_lib.Question]:
     return world_lib.read_questions([r for _, r in post_training.iter_records(path)])
 
 
+def _rl_curves(cfg, pipeline_dir: str, out_dir: str, sft_model, sft_params, sampling_cfg, questions, tokenizer,
+               oracle, proxies, no_eos_penalty) -> dict:
+    """PPO against each proxy, evaluated along training on ``questions``: {proxy name: ppo_curve}."""
+    prompts = [chat.render_prompt(q.conversation, tokenizer).tolist() for q in questions]
+    eval_engine = rollouts_lib.RolloutEngine(sft_model, sampling_cfg, batch_size=min(len(prompts), 128))
+    rl = {}
+    for proxy in proxies:
+        def evaluate(policy_params, step, proxy=proxy):
+            rollouts = eval_engine.generate(policy_params, prompts, int(cfg.seed) + 1)
+            _, gold, scores = score(rollouts, questions, tokenizer, oracle, [proxy], no_eos_penalty)
+            kl = eval_engine.kl(policy_params, sft_params, rollouts)
+            n = len(gold)
+            return {"gold": float(np.mean(gold)), "gold_stderr": float(np.std(gold, ddof=1) / math.sqrt(n)),
+                    "proxy": float(np.mean(scores[proxy.spec.name])), "kl": float(np.mean(kl)),
+                    "kl_stderr": float(np.std(kl, ddof=1) / math.sqrt(n)),
+                    "eos_rate": float(np.mean(rollouts.finished_B))}
+
+        o = ppo_config(pipeline_dir, proxy.run_dir, cfg.rl)
+        rl[proxy.spec.name] = ppo_curve(o, os.path.join(out_dir, "ppo", proxy.spec.name), evaluate,
+                                        evaluate(sft_params, 0))
+    return rl
+
+
+def _proxy_summary(p: Proxy, bon: dict, evals: list[dict]) -> dict:
+    """A proxy's row: its size and accuracy, and the best-of-n and RL fits of the gold reward it gained."""
+    b = bon["proxies"][p.spec.name]
+    bon_d = np.sqrt(np.asarray(bon["kl"]))
+    bon_gain = np.asarray(b["gold"]) - b["gold"][0]
+    rl_d = np.sqrt(np.maximum([e["kl"] for e in evals], 0.0))
+    rl_gain = np.asarray([e["gold"] for e in evals]) - evals[0]["gold"]
+    return {**dataclasses.asdict(p.spec), "run": p.run_dir, "non_embedding_params": p.non_embedding_params,
+            "heldout_pairwise_accuracy": p.heldout_accuracy,
+            "gold_proxy_spearman": b["gold_proxy_spearman"],
+            "bon_fit": _try_fit(fit_bon, bon_d, bon_gain), "rl_fit": _try_fit(fit_rl, rl_d, rl_gain),
+            "bon_best_gain": float(bon_gain.max()), "rl_best_gain": float(rl_gain.max())}
+
+
 def run_study(cfg, workdir: str, out_dir: str | None = None) -> dict:
     """The whole study (see the module docstring); writes OUT/overopt.{json,md,png} and returns the results."""
     t0 = time.time()
@@ -416,7 +433,7 @@ def run_study(cfg, workdir: str, out_dir: str | None = None) -> dict:
     rm_dirs = {s.name: train_proxy(s, pipeline_dir, out_dir, pretrain_steps=int(cfg.proxy_pretrain_steps),
                                    rm_steps=int(cfg.rm_steps), rm_lr=float(cfg.rm_lr))[1] for s in specs}
     timings["proxies_s"] = time.time() - start
-    sft_model, sft_params, tokenizer, _ = runners.load_policy(os.path.join(pipeline_dir, "sft"))
+    sft_model, sft_params, tokenizer, _ = registry.load_policy(os.path.join(pipeline_dir, "sft"))
     mesh = sharding.make_mesh((-1, 1, 1))
     labels_eval = stored_config(os.path.join(pipeline_dir, "reward")).data.eval_path
     proxies = [load_proxy(s, rm_dirs[s.name], labels_eval, tokenizer, mesh) for s in specs]
@@ -431,31 +448,16 @@ def run_study(cfg, workdir: str, out_dir: str | None = None) -> dict:
 
     start = time.time()
     bon_questions = spread(heldout, int(cfg.bon.num_prompts))
-    engine = analysis.RolloutEngine(sft_model, sampling_cfg, batch_size=int(cfg.bon.batch_size))
+    engine = rollouts_lib.RolloutEngine(sft_model, sampling_cfg, batch_size=int(cfg.bon.batch_size))
     bon = best_of_n(engine, sft_params, bon_questions, tokenizer, oracle, proxies,
                     samples_per_prompt=int(cfg.bon.samples_per_prompt), n_values=n_values,
                     no_eos_penalty=no_eos_penalty, seed=int(cfg.seed), cache=os.path.join(out_dir, BON_FILE))
     timings["best_of_n_s"] = time.time() - start
 
     rl_questions = spread(heldout, int(cfg.rl.eval_prompts))
-    rl_prompts = [chat.render_prompt(q.conversation, tokenizer).tolist() for q in rl_questions]
-    eval_engine = analysis.RolloutEngine(sft_model, sampling_cfg, batch_size=min(len(rl_prompts), 128))
-    rl = {}
     start = time.time()
-    for proxy in proxies:
-        def evaluate(policy_params, step, proxy=proxy):
-            rollouts = eval_engine.generate(policy_params, rl_prompts, int(cfg.seed) + 1)
-            _, gold, scores = score(rollouts, rl_questions, tokenizer, oracle, [proxy], no_eos_penalty)
-            kl = eval_engine.kl(policy_params, sft_params, rollouts)
-            n = len(gold)
-            return {"gold": float(np.mean(gold)), "gold_stderr": float(np.std(gold, ddof=1) / math.sqrt(n)),
-                    "proxy": float(np.mean(scores[proxy.spec.name])), "kl": float(np.mean(kl)),
-                    "kl_stderr": float(np.std(kl, ddof=1) / math.sqrt(n)),
-                    "eos_rate": float(np.mean(rollouts.finished_B))}
-
-        o = ppo_config(pipeline_dir, proxy.run_dir, cfg.rl)
-        rl[proxy.spec.name] = ppo_curve(o, os.path.join(out_dir, "ppo", proxy.spec.name), evaluate,
-                                        evaluate(sft_params, 0))
+    rl = _rl_curves(cfg, pipeline_dir, out_dir, sft_model, sft_params, sampling_cfg, rl_questions, tokenizer, oracle,
+                    proxies, no_eos_penalty)
     timings["ppo_s"] = time.time() - start
 
     results = {"workdir": pipeline_dir, "out": out_dir, "proxies": {}, "best_of_n": bon, "rl": rl,
@@ -464,18 +466,7 @@ def run_study(cfg, workdir: str, out_dir: str | None = None) -> dict:
                             "rl_kl_coef": float(cfg.rl.kl_coef), "rl_lr": float(cfg.rl.lr),
                             "max_new_tokens": sampling_cfg.max_new_tokens, "no_eos_penalty": no_eos_penalty}}
     for p in proxies:
-        b = bon["proxies"][p.spec.name]
-        evals = rl[p.spec.name]["evals"]
-        bon_d = np.sqrt(np.asarray(bon["kl"]))
-        bon_gain = np.asarray(b["gold"]) - b["gold"][0]
-        rl_d = np.sqrt(np.maximum([e["kl"] for e in evals], 0.0))
-        rl_gain = np.asarray([e["gold"] for e in evals]) - evals[0]["gold"]
-        results["proxies"][p.spec.name] = {
-            **dataclasses.asdict(p.spec), "run": p.run_dir, "non_embedding_params": p.non_embedding_params,
-            "heldout_pairwise_accuracy": p.heldout_accuracy,
-            "gold_proxy_spearman": b["gold_proxy_spearman"],
-            "bon_fit": _try_fit(fit_bon, bon_d, bon_gain), "rl_fit": _try_fit(fit_rl, rl_d, rl_gain),
-            "bon_best_gain": float(bon_gain.max()), "rl_best_gain": float(rl_gain.max())}
+        results["proxies"][p.spec.name] = _proxy_summary(p, bon, rl[p.spec.name]["evals"])
     timings["total_s"] = time.time() - t0
     results["timings_s"] = timings
     results["plot"] = plot(results, os.path.join(out_dir, "overopt.png"))
@@ -521,10 +512,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot(results: dict, path: str) -> str:
     """2 × 2: gold (top) and proxy (bottom) reward gained over the SFT policy against d = √KL; best-of-N left,
     PPO right; the fitted gold curves dotted."""
-    plt = analysis._pyplot()
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex="col")
     bon = results["best_of_n"]
     bon_d = np.sqrt(np.asarray(bon["kl"]))

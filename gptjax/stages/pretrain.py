@@ -1,4 +1,4 @@
-"""Stage 0 objective: next-token cross-entropy on packed LM batches (pretraining; SFT and PPO-ptx reuse it).
+"""Stage 0, pretraining: next-token cross-entropy on packed LM batches (SFT and PPO-ptx reuse the objective).
 
 ``lm_loss(params, batch, rng, *, model, ...)`` is a pure function the shared trainer jits and differentiates.
 Batch: ``gptjax.data.batches.LM_BATCH`` (all (B, T)): ``inputs``, ``targets``, ``weights`` and the optional
@@ -9,16 +9,24 @@ Batch: ``gptjax.data.batches.LM_BATCH`` (all (B, T)): ``inputs``, ``targets``, `
 With ``loss_chunk > 0`` the vocabulary projection is computed that many positions at a time and recomputed in
 the backward (``gptjax.losses.chunked_token_stats``), so the float32 (B, T, V) logits never exist: the value is
 the same to float32 round-off.
+
+The stage (registered at the end): a GPT from a preset, trained by the shared loop on a text corpus (the grain
+pipeline of gptjax/data/pipeline.py), its held-out split evaluated and sampled as raw text.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from gptjax import losses
+from gptjax import flops, losses, sharding
 from gptjax.data import batches
+from gptjax.data.pipeline import make_lm_iterator
 from gptjax.model import GPT
+from gptjax.stages import common, registry
+from gptjax.train import loop
 
 Array = jax.Array
 
@@ -82,3 +90,63 @@ def lm_loss(params, batch, rng, *, model: GPT, deterministic: bool = False, loss
 
 # Pretraining's objective by its stage's name: the LM loss with weights on every target.
 pretrain_loss = lm_loss
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+def objective(cfg, model: GPT):
+    """The LM loss the trainer differentiates, with the config's ``train.loss_chunk``."""
+    return functools.partial(lm_loss, model=model, loss_chunk=int(cfg.train.loss_chunk))
+
+
+def run(cfg, workdir: str) -> loop.TrainResult:
+    t = cfg.train
+    tokenizer = common.build_tokenizer(cfg.tokenizer)
+    model = GPT(common.build_model_config(cfg.model, tokenizer, t.seq_len))
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    micro = common.micro_batch(cfg, mesh)
+    shared = dict(seq_len=int(t.seq_len), seed=int(t.seed))
+    train_iter = make_lm_iterator(cfg.data, tokenizer, split="train", global_batch_size=micro, **shared)
+    eval_iter = None
+    if cfg.data.source == "tfds" or cfg.data.val_fraction > 0:
+        eval_batch = int(t.eval_batch_size) or micro
+        sharding.check_batch_divisible(eval_batch, mesh, field="train.eval_batch_size")
+        eval_iter = make_lm_iterator(cfg.data, tokenizer, split="validation", global_batch_size=eval_batch,
+                                     num_epochs=1, **shared)
+    return loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
+                             eval_iter=eval_iter, sample_fn=common.make_sample_fn(model, tokenizer, t, mesh), mesh=mesh)
+
+
+def policy_components(stored, tokenizer) -> list[registry.Component]:
+    """A language-model run's one network: the policy (pretraining and SFT)."""
+    model_cfg, _ = common.resolve_from_init(stored)
+    gpt_cfg = common.build_model_config(model_cfg, tokenizer, int(stored.train.seq_len))
+    return [registry.Component("model", GPT(common.no_dropout(gpt_cfg)), "params", "policy")]
+
+
+def split_loss(stored, model: GPT, tokenizer, params, split: str, max_batches: int | None) -> dict:
+    """Token loss on the stored corpus's validation ("eval") or train split."""
+    t = stored.train
+    name = "validation" if split == "eval" else "train"
+    it = make_lm_iterator(stored.data, tokenizer, split=name, global_batch_size=common.eval_rows(stored),
+                          seq_len=int(t.seq_len), seed=int(t.seed), num_epochs=1)
+    loss_fn = functools.partial(lm_loss, model=model, loss_chunk=int(t.loss_chunk))
+    source = f"{stored.data.source} {name} split"
+    return {"split": split, "source": source,
+            **common.eval_loss(loss_fn, params, it, int(max_batches or t.eval_batches))}
+
+
+def bench(ctx) -> list:
+    """One optimizer step of the shared trainer on synthetic packed documents (the batch-candidate search)."""
+    c = ctx.c
+    T, segments = int(c.seq_len), int(c.pretrain_segments)
+    return [ctx.train_step(
+        "pretrain", candidates=ctx.batch_candidates(), make_model=GPT,
+        make_loss=lambda model: functools.partial(lm_loss, model=model, loss_chunk=int(c.loss_chunk)),
+        make_batch=lambda cfg, rows, rng: ctx.lm_batch(rng, rows, T, cfg.vocab_size, segments),
+        tokens_per_row=T, flops_per_token=lambda cfg: flops.flops_per_token(cfg, T), segments=segments)]
+
+
+STAGE = registry.register(registry.Stage(
+    name="pretrain", title="pretraining", run=run, components=policy_components, inherits_model=False,
+    chat_format=False, objective=objective, batch=batches.LM_BATCH, split_loss=split_loss, bench=bench))

@@ -1,4 +1,4 @@
-"""Stage 2 objective: the K-wise reward-model loss of InstructGPT (Ouyang et al. 2022, §3.5 eq. 1).
+"""Stage 2, the reward model: the K-wise ranking loss of InstructGPT (Ouyang et al. 2022, §3.5 eq. 1).
 
 A batch element is one prompt with K responses ranked best → worst (``gptjax.data.batches.RANKING_BATCH``:
 ``tokens``/``valid`` (B, K, T), ``num_ranked`` (B,)). All C(n, 2) pairs of an element's n ranked responses enter
@@ -12,20 +12,33 @@ each response's last valid (EOS) token by ``ScoreModel.reward``.
 
 After training, ``fit_reward_bias`` shifts the score head's bias so the SFT demonstrations score mean 0, as
 InstructGPT does before RL (the PPO reward then starts centred).
+
+The stage (registered at the end): a ScoreModel on the ``train.init_from`` run's decoder, trained by the shared
+loop on JSONL rankings, then centred on ``data.demos_path``; analysis scores given answers with it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.data import batches
+from gptjax import flops, sharding
+from gptjax.data import batches, chat, post_training
+from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
+from gptjax.stages import common, registry
 from gptjax.stages.rl import positions_and_segments
+from gptjax.tokenizers import Tokenizer
+from gptjax.train import loop
+
+REWARD_BIAS_FILE = "reward_bias.json"  # in the run's workdir: the demonstration-centring shift and its step
 
 Array = jax.Array
 
@@ -118,3 +131,175 @@ def fit_reward_bias(params, demonstrations: Iterable[Mapping[str, np.ndarray]], 
     if not math.isfinite(shift):
         raise FloatingPointError(f"fit_reward_bias: the demonstrations' mean reward is {shift}")
     return shift_reward_bias(params, shift), shift
+
+
+# --- scoring with a trained reward model ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _reward_fn(model: ScoreModel):
+    return jax.jit(lambda p, t, v: sequence_rewards(p, t, v, model=model))
+
+
+def reward_scores(model: ScoreModel, params, tokens_NT: np.ndarray, valid_NT: np.ndarray,
+                  batch_size: int = 64) -> np.ndarray:
+    """Reward of every row (read at its last valid token), in fixed-size batches (one compiled shape)."""
+    fn = _reward_fn(model)
+    n = len(tokens_NT)
+    B = min(batch_size, n)
+    out = []
+    for start in range(0, n, B):
+        t, v = tokens_NT[start:start + B], valid_NT[start:start + B]
+        k = len(t)
+        if k < B:  # pad the last batch by repeating its last row: one compiled shape
+            t, v = np.concatenate([t, np.repeat(t[-1:], B - k, 0)]), np.concatenate([v, np.repeat(v[-1:], B - k, 0)])
+        out.append(np.asarray(fn(params, t, v))[:k])
+    return np.concatenate(out)
+
+
+def ranking_metrics(model: ScoreModel, params, path: str, tokenizer: Tokenizer, seq_len: int,
+                    num_slots: int | None = None) -> dict:
+    """K-wise ranking loss and pairwise accuracy of a reward model over every ranking in ``path``."""
+    ex = post_training.ranking_examples(path, tokenizer, seq_len, num_slots=num_slots)
+    N, K, T = ex["tokens"].shape
+    scores_NK = reward_scores(model, params, ex["tokens"].reshape(N * K, T), ex["valid"].reshape(N * K, T)
+                              ).reshape(N, K)
+    n = ex["num_ranked"].astype(np.int64)
+    return {"source": path, "pairwise_accuracy": float(pairwise_accuracy(jnp.asarray(scores_NK),
+                                                                        jnp.asarray(ex["num_ranked"]))),
+            "ranking_loss": float(ranking_loss(jnp.asarray(scores_NK), jnp.asarray(ex["num_ranked"]))),
+            "num_rankings": int(N), "num_pairs": int(np.sum(n * (n - 1) // 2))}
+
+
+def score_answers(model: ScoreModel, params, tokenizer: Tokenizer, path: str) -> list[dict]:
+    """Reward of each (prompt, response) in ``path``, rendered as in reward-model training (prompt + answer + EOS)."""
+    answers = post_training.read_answers(path)
+    rows = [np.concatenate([chat.render_prompt(c, tokenizer, where=w), chat.render_response(r, tokenizer, where=w)])
+            for w, c, r in answers]
+    T = max(map(len, rows))
+    if T > model.cfg.max_len:
+        w = answers[int(np.argmax([len(r) for r in rows]))][0]
+        raise ConfigError(f"{w}: prompt + response is {T} tokens > the reward model's context {model.cfg.max_len}")
+    tokens = np.full((len(rows), T), tokenizer.pad_id, np.int32)
+    valid = np.zeros((len(rows), T), bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], valid[i, :len(r)] = r, True
+    scores = reward_scores(model, params, tokens, valid)
+    return [{"where": w, "prompt": c[-1]["content"], "response": r, "score": float(s)}
+            for (w, c, r), s in zip(answers, scores)]
+
+
+def fitted_bias(workdir: str, step: int) -> float | None:
+    """The demonstration-centring shift fitted after RM training, if it was fitted on this step's params."""
+    path = os.path.join(workdir, REWARD_BIAS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return float(record["shift"]) if int(record.get("step", step)) == step else None
+
+
+def load_reward_params(path: str, abstract_params, field: str) -> dict:
+    """Reward-model params of the run at ``path`` with its demonstration-centring bias applied (if fitted)."""
+    params = common.load_full_params(path, abstract_params, field)
+    bias_file = os.path.join(path, REWARD_BIAS_FILE)
+    if os.path.exists(bias_file):
+        with open(bias_file) as f:
+            params = shift_reward_bias(params, json.load(f)["shift"])
+    return params
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+def objective(cfg, model: ScoreModel):
+    return functools.partial(reward_loss, model=model)
+
+
+def demonstration_rows(path: str, tokenizer: Tokenizer, seq_len: int, batch_size: int):
+    """(tokens, valid) batches of whole conversations, one per row, right-padded: the RM bias's reference set
+    (``batches.DEMONSTRATION_ROWS``)."""
+    rendered = post_training.render_sft(path, tokenizer, seq_len)
+    for i in range(0, len(rendered), batch_size):
+        chunk = rendered[i:i + batch_size]
+        tokens = np.full((len(chunk), seq_len), tokenizer.pad_id, np.int32)
+        valid = np.zeros((len(chunk), seq_len), bool)
+        for r, (toks, _) in enumerate(chunk):
+            tokens[r, :len(toks)], valid[r, :len(toks)] = toks, True
+        yield {"tokens": tokens, "valid": valid}
+
+
+def run(cfg, workdir: str) -> loop.TrainResult:
+    """K-wise ranking loss on ``data.train_path`` rankings; then the bias that centres demonstrations at 0."""
+    cfg = common.resolved_config(cfg)
+    t = cfg.train
+    tokenizer = common.build_tokenizer(cfg.tokenizer)
+    model = ScoreModel(common.build_model_config(cfg.model, tokenizer, t.seq_len))
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    micro = common.micro_batch(cfg, mesh)
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path: give the rankings (JSONL, {\"prompt\": ..., \"responses\": [best..worst]})")
+    slots = int(cfg.data.num_slots) or None
+    train_iter = post_training.ranking_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro,
+                                               seed=int(t.seed), num_slots=slots)
+    eval_iter = None
+    if cfg.data.eval_path:
+        eval_batch = int(t.eval_batch_size) or micro
+        eval_iter = functools.partial(post_training.ranking_batches, cfg.data.eval_path, tokenizer, int(t.seq_len),
+                                      eval_batch, shuffle=False, num_epochs=1, drop_remainder=False,
+                                      num_slots=slots)
+    result = loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
+                               eval_iter=eval_iter, mesh=mesh, loss_is_token_nll=False)
+    if cfg.data.demos_path:
+        params = jax.device_get(result.state.params)
+        # Scored at the model's whole context, not the training rows' length: a demonstration (a system turn and a
+        # long answer, say) may outgrow the rankings' rows, and this one-off inference pass costs little.
+        demos = demonstration_rows(cfg.data.demos_path, tokenizer, model.cfg.max_len, micro)
+        _, shift = fit_reward_bias(params, demos, model=model)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, REWARD_BIAS_FILE), "w") as f:
+                json.dump({"shift": shift, "demos": cfg.data.demos_path, "step": result.step}, f, indent=2)
+    return result
+
+
+def components(stored, tokenizer) -> list[registry.Component]:
+    model_cfg, _ = common.resolve_from_init(stored)
+    gpt_cfg = common.build_model_config(model_cfg, tokenizer, int(stored.train.seq_len))
+    return [registry.Component("model", ScoreModel(common.no_dropout(gpt_cfg)), "params", "reward")]
+
+
+def split_loss(stored, model: ScoreModel, tokenizer, params, split: str, max_batches: int | None) -> dict:
+    """K-wise ranking loss and pairwise accuracy on the stored rankings of ``data.eval_path`` or ``train_path``."""
+    del max_batches  # every ranking is scored
+    d = stored.data
+    path = d.eval_path if split == "eval" else d.train_path
+    if not path:
+        raise ConfigError(f"--split={split}: the reward run stores no data.{split}_path; choose another split")
+    return {"split": split, **ranking_metrics(model, params, path, tokenizer, int(stored.train.seq_len),
+                                              int(d.get("num_slots", 0)) or None)}
+
+
+def report(run, params: Mapping, step: int, opts) -> dict:
+    """With ``opts.answers_file``: the reward of each given answer (centred when the bias was fitted at ``step``)."""
+    if not opts.answers_file:
+        return {}
+    main = run.components[0]
+    shift = fitted_bias(run.workdir, step)
+    scored_params = params[main.name] if shift is None else shift_reward_bias(params[main.name], shift)
+    return {"answer_scores": {"centred": shift is not None, "bias_shift": shift,
+                              "scores": score_answers(main.model, scored_params, run.tokenizer, opts.answers_file)}}
+
+
+def bench(ctx) -> list:
+    """One optimizer step of the shared trainer on synthetic rankings (``reward_k`` responses per prompt)."""
+    c = ctx.c
+    T, k = int(c.seq_len), int(c.reward_k)
+    return [ctx.train_step(
+        "reward", rows=int(c.reward_prompts), make_model=ScoreModel,
+        make_loss=lambda model: functools.partial(reward_loss, model=model),
+        make_batch=lambda cfg, rows, rng: ctx.ranking_batch(rng, rows, k, T, cfg.vocab_size),
+        tokens_per_row=k * T, flops_per_token=lambda cfg: flops.score_flops_per_token(cfg, T), segments=0,
+        extra={"responses_per_prompt": k})]
+
+
+STAGE = registry.register(registry.Stage(
+    name="reward", title="reward-model", run=run, components=components, objective=objective,
+    batch=batches.RANKING_BATCH, split_loss=split_loss, report=report, bench=bench))

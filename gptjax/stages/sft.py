@@ -1,4 +1,4 @@
-"""Stage 1 objective: supervised fine-tuning on demonstrations (InstructGPT §3.5).
+"""Stage 1, SFT: supervised fine-tuning on demonstrations (InstructGPT §3.5).
 
 Teacher forcing with the LM loss of ``stages/pretrain.py``; what makes it SFT is the batch: the data pipeline sets
 ``weights`` to 1 only where the *target* is an assistant-turn token (every assistant turn of a multi-turn
@@ -8,15 +8,25 @@ feed the model as inputs; only their targets are ignored, so changing them canno
 
 ``sft_loss`` adds one SFT-specific metric: ``conversation_loss``, the mean over conversations of each one's mean
 token NLL — the token-weighted ``loss`` lets a few long answers dominate, this one weighs every conversation alike.
+
+The stage (registered at the end): the model and tokenizer of the ``train.init_from`` run (``from_init``),
+trained by the shared loop on JSONL conversations, evaluated on held-out ones and sampled as a chat.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from gptjax import flops, sharding
+from gptjax.data import batches, post_training
+from gptjax.errors import ConfigError
 from gptjax.model import GPT
-from gptjax.stages.pretrain import lm_token_stats
+from gptjax.stages import common, registry
+from gptjax.stages.pretrain import lm_token_stats, policy_components
+from gptjax.train import loop
 
 Array = jax.Array
 
@@ -53,3 +63,59 @@ def sft_loss(params, batch, rng, *, model: GPT, deterministic: bool = False,
                "accuracy": jnp.sum(weights_BT * stats.correct_BT) / denominator,
                "conversation_loss": conversation_loss, "num_conversations": num_conversations}
     return loss, metrics
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+def objective(cfg, model: GPT):
+    return functools.partial(sft_loss, model=model, loss_chunk=int(cfg.train.loss_chunk))
+
+
+def run(cfg, workdir: str) -> loop.TrainResult:
+    """Teacher forcing on conversations (JSONL ``data.train_path``), loss on assistant tokens only."""
+    cfg = common.resolved_config(cfg)
+    t = cfg.train
+    tokenizer = common.build_tokenizer(cfg.tokenizer)
+    model = GPT(common.build_model_config(cfg.model, tokenizer, t.seq_len))
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    micro = common.micro_batch(cfg, mesh)
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path: give the SFT conversations (JSONL, one {\"messages\": [...]} per line)")
+    train_iter = post_training.sft_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro, seed=int(t.seed))
+    eval_iter = None
+    if cfg.data.eval_path:
+        eval_batch = int(t.eval_batch_size) or micro
+        eval_iter = functools.partial(post_training.sft_batches, cfg.data.eval_path, tokenizer, int(t.seq_len),
+                                      eval_batch, shuffle=False, num_epochs=1, drop_remainder=False)
+    return loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
+                             eval_iter=eval_iter, mesh=mesh,
+                             sample_fn=common.make_sample_fn(model, tokenizer, t, mesh, chat_prompts=True))
+
+
+def split_loss(stored, model: GPT, tokenizer, params, split: str, max_batches: int | None) -> dict:
+    """Token loss on the stored conversations of ``data.eval_path`` ("eval") or ``data.train_path``."""
+    t = stored.train
+    path = stored.data.eval_path if split == "eval" else stored.data.train_path
+    if not path:
+        raise ConfigError(f"--split={split}: the SFT run stores no data.{split}_path; choose another split")
+    it = post_training.sft_batches(path, tokenizer, int(t.seq_len), common.eval_rows(stored), shuffle=False,
+                                   num_epochs=1, drop_remainder=False)
+    loss_fn = functools.partial(sft_loss, model=model, loss_chunk=int(t.loss_chunk))
+    return {"split": split, "source": path,
+            **common.eval_loss(loss_fn, params, it, int(max_batches or t.eval_batches))}
+
+
+def bench(ctx) -> list:
+    """One optimizer step of the shared trainer on synthetic conversations (loss on their second halves)."""
+    c = ctx.c
+    T, segments = int(c.seq_len), int(c.sft_segments)
+    return [ctx.train_step(
+        "sft", make_model=GPT,
+        make_loss=lambda model: functools.partial(sft_loss, model=model, loss_chunk=int(c.loss_chunk)),
+        make_batch=lambda cfg, rows, rng: ctx.lm_batch(rng, rows, T, cfg.vocab_size, segments, sft_weights=True),
+        tokens_per_row=T, flops_per_token=lambda cfg: flops.flops_per_token(cfg, T), segments=segments)]
+
+
+STAGE = registry.register(registry.Stage(
+    name="sft", title="SFT", run=run, components=policy_components, objective=objective, batch=batches.LM_BATCH,
+    split_loss=split_loss, bench=bench))

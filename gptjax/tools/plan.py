@@ -1,9 +1,10 @@
 """Ahead-of-time planner: does a config's train step fit a cluster, and how fast would it run there?
 
-The real pretraining step (``train.loop.make_train_step`` with the config's AdamW from ``train.optim`` and the
-LM loss of ``stages.pretrain``, jitted as ``loop.run_training`` jits it) is lowered and compiled for the
-target's devices from abstract, sharded arguments (``jax.ShapeDtypeStruct`` with shardings: nothing is
-allocated). The memory figures are the compiler's own for that program.
+The real train step of the config's stage (``train.loop.make_train_step`` with the config's AdamW from
+``train.optim`` and the stage's ``objective`` from the stage registry, jitted as ``loop.run_training`` jits it) is
+lowered and compiled for the target's devices from abstract, sharded arguments (``jax.ShapeDtypeStruct`` with
+shardings, the batch from the stage's batch contract: nothing is allocated). The memory figures are the
+compiler's own for that program.
 
 Targets: N fake CPU devices (the process must start with ``--xla_force_host_platform_device_count=N`` in
 ``XLA_FLAGS``; ``experiments.plan`` arranges that), or a TPU slice by name through
@@ -29,7 +30,6 @@ compiler's, so temporaries are an estimate of the GPU's (the TPU path uses the T
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -45,9 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gptjax import flops as flops_lib
 from gptjax import sharding as sharding_lib
 from gptjax.errors import ConfigError
+from gptjax.data import batches
 from gptjax.model import GPT, GPTConfig, count_params
-from gptjax.stages.pretrain import lm_loss
-from gptjax.stages.sft import sft_loss
+from gptjax.stages import common, registry
 from gptjax.train import loop
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
@@ -68,7 +68,6 @@ TPU_MEMORY = {"v4": 32 * 2**30, "v5p": 95.74 * 2**30, "v5e": 16 * 2**30, "v5lite
               "v6e": 32 * 2**30}
 TPU_PEAK = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v5litepod": 197e12, "v6e": 918e12}
 LIBTPU_REQUIREMENT = "jax[tpu]==0.10.2"  # brings libtpu 0.0.42.1, which compiles for TPU topologies on a CPU
-LM_STAGES = ("pretrain", "sft")
 DEFAULT_EFFICIENCY = 0.6
 
 
@@ -314,14 +313,15 @@ class Plan:
 
 def model_config_of(cfg) -> GPTConfig:
     """The config's GPTConfig (preset + overrides; vocabulary from its tokenizer), as the stage runner builds it."""
-    if cfg.stage not in LM_STAGES:
+    stage = registry.get(cfg.stage)
+    if stage.objective is None or stage.batch is not batches.LM_BATCH:
+        lm_stages = [s.name for s in registry.stages() if s.objective is not None and s.batch is batches.LM_BATCH]
         raise ConfigError(f"config.stage={cfg.stage!r}: the planner compiles the LM train step of stages "
-                          f"{list(LM_STAGES)}")
-    if cfg.model.preset == "from_init":
+                          f"{lm_stages}")
+    if cfg.model.preset == common.FROM_INIT:
         raise ConfigError("model.preset='from_init' names no model; give the preset (e.g. "
                           "--config.model.preset=gpt3-175b)")
-    from gptjax.stages import common as runners  # noqa: PLC0415 (data-pipeline imports: only when planning from a config)
-    return runners.build_model_config(cfg.model, runners.build_tokenizer(cfg.tokenizer), int(cfg.train.seq_len))
+    return common.build_model_config(cfg.model, common.build_tokenizer(cfg.tokenizer), int(cfg.train.seq_len))
 
 
 def per_device_bytes(abstract_tree) -> float:
@@ -360,13 +360,10 @@ def compile_train_step(cfg, model_cfg: GPTConfig, mesh: Mesh, *, micro: int, acc
     tx, schedule = make_optimizer(cfg.optim, int(t.steps), nn.unbox(boxed))
     shardings = state_lib.state_shardings(boxed, tx, mesh)
     abstract = state_lib.abstract_state(boxed, tx, shardings, rng)
-    loss = sft_loss if cfg.stage == "sft" else lm_loss
-    loss_fn = functools.partial(loss, model=model, loss_chunk=int(t.loss_chunk))
+    loss_fn = registry.get(cfg.stage).objective(cfg, model)
     # The batch and the jit exactly as loop.run_training builds them: (microbatch slot, batch, length).
     batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
-              "weights": jnp.float32}
-    batch = {k: jax.ShapeDtypeStruct((accum, micro, seq_len), d, sharding=batch_sharding) for k, d in dtypes.items()}
+    batch = batches.abstract(batches.LM_BATCH, {"B": micro, "T": seq_len}, leading=(accum,), sharding=batch_sharding)
     num_micro = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     step = jax.jit(loop.make_train_step(loss_fn, tx, schedule, shardings.params),
                    in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),

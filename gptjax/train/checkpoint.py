@@ -128,6 +128,15 @@ class Checkpointer:
         self.manager.close()
 
 
+def finished_steps(workdir: str) -> list[int]:
+    """Steps of the finished checkpoints under WORKDIR/checkpoints (an interrupted save has no plain <step> dir)."""
+    directory = os.path.join(workdir, CKPT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")))
+
+
 # --- init_from: parameters of another run --------------------------------------------------------------------
 
 def resolve_checkpoint_dir(path: str, field: str = "train.init_from") -> epath.Path:
