@@ -18,7 +18,7 @@ import pytest
 from configs import overopt as overopt_config
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
-from gptjax.seed_world import evaluation, overopt
+from gptjax.seed_world import evaluation, labeler, overopt
 from gptjax.seed_world import world as world_lib
 from gptjax.tools import analysis
 from gptjax.train import checkpoint as ckpt_lib
@@ -132,7 +132,7 @@ def test_smoke_study_end_to_end(smoke_pipeline, tmp_path):
     assert bon["n"] == [1, 2, 4, 8] and bon["kl"] == pytest.approx(list(overopt.bon_kl([1, 2, 4, 8])))
     with open(os.path.join(smoke_pipeline, "world", "config.json")) as f:
         world_cfg = json.load(f)
-    oracle = world_lib.GoldOracle(*(world_cfg[k] for k in ("verdict_weight", "reason_weight", "false_reason_penalty",
+    oracle = labeler.GoldOracle(*(world_cfg[k] for k in ("verdict_weight", "reason_weight", "false_reason_penalty",
                                                            "language_weight")))
     with open(os.path.join(out, "bon_samples.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -1,9 +1,9 @@
-"""The seed world (gptjax/seed_world/world.py), checked against properties and hand-computed values: same config ->
-identical world, built in well under 10 s; held-out numbers never appear in SFT/RM/PPO text (searched with digit
-boundaries, independently of the module's own check) but do appear in pretraining; the held-out set is balanced
-and >= 300 questions; the labeler's verdicts / reasons / language on hand-judged answers; evaluate_answers against
-metrics computed by hand; generated wrong-claim and wrong-demo rates against the config; files readable by the
-post-training readers."""
+"""The seed world (gptjax/seed_world/: world, labeler, templates), checked against properties and hand-computed
+values: same config -> identical world, built in well under 10 s; held-out numbers never appear in SFT/RM/PPO text
+(searched with digit boundaries, independently of the module's own check) but do appear in pretraining; the
+held-out set is balanced and >= 300 questions; the labeler's verdicts / reasons / language on hand-judged answers;
+evaluate_answers against metrics computed by hand; generated wrong-claim and wrong-demo rates against the config;
+files readable by the post-training readers."""
 
 import dataclasses
 import json
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gptjax.data import post_training as pt
+from gptjax.seed_world import labeler
 from gptjax.seed_world import world as sw
 from gptjax.tokenizers import make_tokenizer
 
@@ -126,11 +127,11 @@ def test_prompts_hold_the_configured_share_of_primes(world):
     (27, "zh", "", False, "none", False),
 ])
 def test_labeler_judges_hand_labelled_answers(number, language, answer, correct, reason, language_match):
-    j = sw.judge(number, language, answer)
+    j = labeler.judge(number, language, answer)
     assert (j.verdict_correct, j.reason, j.language_match) == (correct, reason, language_match)
     assert j.score == pytest.approx(1.0 * correct + 0.5 * (reason == "valid") - 0.25 * (reason == "invalid")
                                     + 0.25 * language_match)
-    assert sw.gold_score(number, language, answer) == j.score
+    assert labeler.gold_score(number, language, answer) == j.score
 
 
 def test_parse_answer_survives_garbage():
@@ -138,14 +139,14 @@ def test_parse_answer_survives_garbage():
     for _ in range(200):
         text = "".join(rng.choice(list("0123456789 ×=是不質數被整除prime not divisible by 1 and itself？?。")) for _ in
                        range(int(rng.integers(0, 60))))
-        sw.parse_answer(text)
-        sw.judge(int(rng.integers(2, 500)), "zh", text)
-    assert sw.parse_answer(None).verdict is None
+        labeler.parse_answer(text)
+        labeler.judge(int(rng.integers(2, 500)), "zh", text)
+    assert labeler.parse_answer(None).verdict is None
 
 
 def test_rank_is_stable_and_ranking_record_is_valid():
-    oracle = sw.GoldOracle()
-    q = sw.Question(27, "zh", "27 是不是質數？")
+    oracle = labeler.GoldOracle()
+    q = labeler.Question(27, "zh", "27 是不是質數？")
     answers = ["27 是質數。", "27 不是質數，因為它可以被 3 整除。", "27 是一個質數。", "No — 27 is divisible by 3.",
                "27 不是質數，因為它可以被 3 整除。", ""]
     # scores 0.25, 1.75, 0.25, 1.5, 1.75, 0 -> ties keep their order
@@ -158,15 +159,15 @@ def test_rank_is_stable_and_ranking_record_is_valid():
 
 
 def test_evaluate_answers_hand_computed():
-    questions = [sw.Question(13, "zh", "13 是質數嗎？"), sw.Question(13, "en", "Is 13 prime?"),
-                 sw.Question(27, "zh", "27 是不是質數？"), sw.Question(27, "en", "Is 27 prime?"),
-                 sw.Question(51, "en", "Is 51 prime?")]
+    questions = [labeler.Question(13, "zh", "13 是質數嗎？"), labeler.Question(13, "en", "Is 13 prime?"),
+                 labeler.Question(27, "zh", "27 是不是質數？"), labeler.Question(27, "en", "Is 27 prime?"),
+                 labeler.Question(51, "en", "Is 51 prime?")]
     answers = ["13 是質數，因為它只能被 1 和它自己整除。",  # right, valid, zh: 1.75
                "No, 13 is not prime.",  # wrong, no reason: 0.25
                "No — 27 is divisible by 3.",  # right, valid, wrong language: 1.5
                "27 is not prime, it is divisible by 5.",  # right, false reason: 1.0
                "51 is prime."]  # wrong: 0.25
-    m = sw.evaluate_answers(questions, answers)
+    m = labeler.evaluate_answers(questions, answers)
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["valid_reason_rate"] == pytest.approx(2 / 5)
@@ -186,7 +187,7 @@ def test_expert_and_wrong_demo_rates(world):
         question, answer = conv[-2]["content"], conv[-1]["content"]
         number = int(re.search(r"[0-9]+", question).group())
         language = "zh" if re.search(r"[\u4e00-\u9fff]", question) else "en"
-        imperfect.append(oracle.score(sw.Question(number, language, question), answer) < 1.75)
+        imperfect.append(oracle.score(labeler.Question(number, language, question), answer) < 1.75)
     rate = world.config.wrong_demo_fraction
     assert abs(np.mean(imperfect) - rate) < 4 * np.sqrt(rate * (1 - rate) / len(single))
     # every dialogue answer about a number is the expert's (full marks)
@@ -196,7 +197,7 @@ def test_expert_and_wrong_demo_rates(world):
             nums = re.findall(r"[0-9]+", user["content"])
             if nums and "π" not in user["content"] and int(nums[0]) > 1:
                 lang = "zh" if re.search(r"[\u4e00-\u9fff]", user["content"]) else "en"
-                assert sw.judge(int(nums[0]), lang, assistant["content"]).score == 1.75, (user, assistant)
+                assert labeler.judge(int(nums[0]), lang, assistant["content"]).score == 1.75, (user, assistant)
 
 
 @pytest.mark.parametrize("wrong_rate", [0.0, 1.0])
@@ -207,7 +208,7 @@ def test_forum_claims_are_wrong_at_the_configured_rate(wrong_rate):
     for text in w.pretrain_texts:  # each forum post is about the first number it names
         number = int(re.search(r"[0-9]+", text).group())
         language = "zh" if re.search(r"[\u4e00-\u9fff]", text) else "en"
-        assert sw.judge(number, language, text).verdict_correct == (wrong_rate == 0.0), text
+        assert labeler.judge(number, language, text).verdict_correct == (wrong_rate == 0.0), text
 
 
 def test_pretraining_mix_and_wrong_claims_present(world):

@@ -16,6 +16,7 @@ from absl import logging
 from gptjax import sampling
 from gptjax.data import chat, post_training
 from gptjax.model import GPT, ScoreModel
+from gptjax.seed_world import labeler
 from gptjax.seed_world import world as world_lib
 from gptjax.stages.ppo import objective as ppo_lib
 from gptjax.stages.reward import pairwise_accuracy, sequence_rewards
@@ -43,7 +44,7 @@ class StageEvaluator:
         self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
         self._samplers: dict = {}
 
-    def prompts(self, questions: Sequence[world_lib.Question], chat_format: bool) -> list[list[int]]:
+    def prompts(self, questions: Sequence[labeler.Question], chat_format: bool) -> list[list[int]]:
         tok = self.tokenizer
         if chat_format:
             return [chat.render_prompt(q.conversation, tok).tolist() for q in questions]
@@ -57,7 +58,7 @@ class StageEvaluator:
                 pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size))
         return self._samplers[key]
 
-    def generate(self, stage: StageModel, questions: Sequence[world_lib.Question], temperature: float,
+    def generate(self, stage: StageModel, questions: Sequence[labeler.Question], temperature: float,
                  salt: int = 0) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """Answers (text), plus the padded prompt/response token rows for KL measurements."""
         prompts = self.prompts(questions, stage.chat_format)

@@ -46,6 +46,7 @@ from gptjax.data import chat, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
 from gptjax.seed_world import pipeline
+from gptjax.seed_world import labeler
 from gptjax.seed_world import world as world_lib
 from gptjax.stages import common, registry, reward
 from gptjax.stages import rollouts as rollouts_lib
@@ -246,7 +247,7 @@ def load_proxy(spec: ProxySpec, rm_dir: str, labels_eval: str, tokenizer, mesh) 
 
 # --- scoring sampled answers ------------------------------------------------------------------------------------
 
-def score(rollouts: rollouts_lib.Rollouts, questions: Sequence[world_lib.Question], tokenizer, oracle, proxies,
+def score(rollouts: rollouts_lib.Rollouts, questions: Sequence[labeler.Question], tokenizer, oracle, proxies,
           no_eos_penalty: float | None) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
     """(answer texts, gold scores, {proxy name: rewards}) of one response per question; as in PPO, an answer that
     never emitted EOS gets ``no_eos_penalty`` from every proxy (None: the raw reward)."""
@@ -364,14 +365,14 @@ def ensure_pipeline(pipeline_cfg, workdir: str) -> str:
     return workdir
 
 
-def _oracle(pipeline_dir: str) -> world_lib.GoldOracle:
+def _oracle(pipeline_dir: str) -> labeler.GoldOracle:
     with open(os.path.join(pipeline_dir, "world", "config.json")) as f:
         w = json.load(f)
-    return world_lib.GoldOracle(w["verdict_weight"], w["reason_weight"], w["false_reason_penalty"],
+    return labeler.GoldOracle(w["verdict_weight"], w["reason_weight"], w["false_reason_penalty"],
                                 w["language_weight"])
 
 
-def _heldout(pipeline_dir: str) -> list[world_lib.Question]:
+def _heldout(pipeline_dir: str) -> list[labeler.Question]:
     path = os.path.join(pipeline_dir, "world", "heldout.jsonl")
     return world_lib.read_questions([r for _, r in post_training.iter_records(path)])
 
