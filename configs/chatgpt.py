@@ -27,21 +27,7 @@ def _model(c, layers: int, d_model: int, heads: int, max_len: int):
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.max_len = layers, d_model, heads, max_len
 
 
-def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
-    if preset not in ("demo", "smoke"):
-        raise ValueError(f"unknown chatgpt config {preset!r}; choose 'demo' or 'smoke'")
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
-    c.world = _world()
-    c.world.num_pretrain_docs = 30_000  # ~3.2M byte tokens: one pass in 800 steps of 32 x 128
-    # Numbers 2..199 as in reference.md's prototype (not 499): a 0.8M-parameter model must learn each number's
-    # facts in the CPU budget (greedy held-out accuracy: 0.59 after pretraining at 499, 0.64 at 299). 55% of the
-    # primes >= 30 held out with as many composites, 4 phrasings x 2 languages: 320 questions.
-    c.world.max_number = 199
-    c.world.heldout_fraction = 0.55
-    c.world.heldout_phrasings = 4
-    c.world.num_rm_prompts = 768
-
+def _pretrain_config() -> ml_collections.ConfigDict:
     p = pretrain.base_config("tiny")
     p.tokenizer.kind = "bytes"  # any language byte-for-byte: the seed world is Chinese and English
     p.data.source = "text_files"
@@ -60,8 +46,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     p.train.ckpt_every = 400
     p.train.sample_prompts = ("問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
     p.train.sample_max_new_tokens = 40
-    c.pretrain = p
+    return p
 
+
+def _sft_config() -> ml_collections.ConfigDict:
     s = sft.get_config()
     s.train.seq_len = 512  # the longest multi-turn dialogues are ~500 bytes
     s.train.batch_size = 8
@@ -71,8 +59,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     s.train.eval_every = 80
     s.train.ckpt_every = 80
     s.train.sample_max_new_tokens = 48
-    c.sft = s
+    return s
 
+
+def _reward_config() -> ml_collections.ConfigDict:
     r = reward.get_config()
     r.train.seq_len = 128
     r.train.batch_size = 16
@@ -82,8 +72,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     r.train.log_every = 25
     r.train.eval_every = 150
     r.train.ckpt_every = 150
-    c.reward = r
+    return r
 
+
+def _ppo_config() -> ml_collections.ConfigDict:
     o = ppo.get_config()
     o.ppo.rollout_batch_size = 64
     o.ppo.minibatch_size = 32
@@ -107,8 +99,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     o.train.log_every = 10
     o.train.eval_every = 1000
     o.train.ckpt_every = 20
-    c.ppo = o
+    return o
 
+
+def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     c.labels = ml_collections.ConfigDict()
     c.labels.k = 5  # answers sampled per RM prompt and ranked by the labeler (InstructGPT: K = 4..9)
     # Of the K answers, this many come from the pretrained model, the rest from the SFT policy (InstructGPT ranked
@@ -123,24 +117,51 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     # the size of the effects the table is there to show; four halve it for ~10 s more sampling per stage.
     c.eval.sampled_answers_per_question = 4
 
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    """Seconds instead of minutes: tiny world, model and runs (the tests' shared pipeline)."""
+    p, s, r, o = c.pretrain, c.sft, c.reward, c.ppo
+    c.world.num_pretrain_docs = 2000
+    c.world.num_sft_demos = 64
+    c.world.num_sft_eval_demos = 16
+    c.world.num_dialogues = 8
+    c.world.num_rm_prompts = 32
+    c.world.num_ppo_prompts = 32
+    _model(p, 2, 32, 2, 512)
+    p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
+    p.optim.warmup_steps = 2
+    s.train.steps, s.train.batch_size, s.train.eval_every, s.train.ckpt_every = 6, 8, 6, 6
+    # Batches divisible by the 8 fake CPU devices of the test environment, and enough RM prompts that the
+    # barely trained SFT policy yields a batch of rankings with distinct gold scores.
+    r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 8, 6, 6
+    c.world.num_rm_prompts = 512
+    r.optim.warmup_steps = 1
+    o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 16, 8, 1
+    o.sampling.max_new_tokens = 16
+    c.eval.max_new_tokens = 16
+    c.eval.sampled_answers_per_question = 2
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+    if preset not in ("demo", "smoke"):
+        raise ValueError(f"unknown chatgpt config {preset!r}; choose 'demo' or 'smoke'")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
+    c.world = _world()
+    c.world.num_pretrain_docs = 30_000  # ~3.2M byte tokens: one pass in 800 steps of 32 x 128
+    # Numbers 2..199 as in reference.md's prototype (not 499): a 0.8M-parameter model must learn each number's
+    # facts in the CPU budget (greedy held-out accuracy: 0.59 after pretraining at 499, 0.64 at 299). 55% of the
+    # primes >= 30 held out with as many composites, 4 phrasings x 2 languages: 320 questions.
+    c.world.max_number = 199
+    c.world.heldout_fraction = 0.55
+    c.world.heldout_phrasings = 4
+    c.world.num_rm_prompts = 768
+
+    c.pretrain = _pretrain_config()
+    c.sft = _sft_config()
+    c.reward = _reward_config()
+    c.ppo = _ppo_config()
+    _labels_and_eval(c)
     if preset == "smoke":
-        c.world.num_pretrain_docs = 2000
-        c.world.num_sft_demos = 64
-        c.world.num_sft_eval_demos = 16
-        c.world.num_dialogues = 8
-        c.world.num_rm_prompts = 32
-        c.world.num_ppo_prompts = 32
-        _model(p, 2, 32, 2, 512)
-        p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
-        p.optim.warmup_steps = 2
-        s.train.steps, s.train.batch_size, s.train.eval_every, s.train.ckpt_every = 6, 8, 6, 6
-        # Batches divisible by the 8 fake CPU devices of the test environment, and enough RM prompts that the
-        # barely trained SFT policy yields a batch of rankings with distinct gold scores.
-        r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 8, 6, 6
-        c.world.num_rm_prompts = 512
-        r.optim.warmup_steps = 1
-        o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 16, 8, 1
-        o.sampling.max_new_tokens = 16
-        c.eval.max_new_tokens = 16
-        c.eval.sampled_answers_per_question = 2
+        _smoke(c)
     return c
