@@ -1,7 +1,7 @@
 """Benchmark configs: ``python -m experiments.bench --config=configs/bench.py:<name>``.
 
 CPU sizes (run anywhere, seconds): ``cpu-tiny`` (the smoke test in ``make test``) and ``cpu-small``.
-GPU workloads of issue 6's target table (one card; compare with nanoGPT on the same card, shared/reference.md):
+GPU workloads with targets (one card; compared with nanoGPT on the same card, docs/references.md):
 
 - ``gpt2-124m-b48``, ``gpt2-124m-b12``, ``gpt2-350m-b16``, ``gpt2-1.5b-b8``: pretraining step, T 1024, bf16;
 - ``gpt3-xl-t2048-b4``, ``gpt3-6.7b-t2048``: GPT-3 shapes at T 2048 (the 6.7B one needs the 141 GB H200; it
@@ -66,7 +66,7 @@ def base_config(preset: str, seq_len: int, batch_size: int) -> ml_collections.Co
     c.repeats = 5  # timed calls; the median is reported
     c.seed = 0
     c.fast_compile = False  # compile without XLA backend optimisation: for smoke tests only (slower programs)
-    # Reference figures and targets of issue 6, per workload (empty on CPU): "baseline" is text for the table,
+    # Reference figures and targets per workload (empty on CPU): "baseline" is text for the table,
     # "min_tokens_per_s" / "max_rollout_share" decide "met".
     c.targets = ml_collections.ConfigDict()
     return c

@@ -149,9 +149,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
     c.world = _world()
     c.world.num_pretrain_docs = 30_000  # ~3.2M byte tokens: one pass in 800 steps of 32 x 128
-    # Numbers 2..199 as in reference.md's prototype (not 499): a 0.8M-parameter model must learn each number's
-    # facts in the CPU budget (greedy held-out accuracy: 0.59 after pretraining at 499, 0.64 at 299). 55% of the
-    # primes >= 30 held out with as many composites, 4 phrasings x 2 languages: 320 questions.
+    # Numbers 2..199 as in the first prototype (docs/references.md), not 499: a 0.8M-parameter model must learn
+    # each number's facts in the CPU budget (greedy held-out accuracy: 0.59 after pretraining at 499, 0.64 at 299).
+    # 55% of the primes >= 30 held out with as many composites, 4 phrasings x 2 languages: 320 questions.
     c.world.max_number = 199
     c.world.heldout_fraction = 0.55
     c.world.heldout_phrasings = 4

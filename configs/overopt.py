@@ -45,7 +45,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # No KL penalty: the policy is free to drift, and KL is measured rather than constrained (Gao et al. run RL
     # mostly without one, and find a penalty acts much like early stopping).
     c.rl.kl_coef = 0.0
-    # Well above session 2's pipeline lr of 3e-5 (where β = 0.05 let PPO reach ~8 nats in 100 iterations and
+    # Well above an earlier pipeline PPO lr of 3e-5 (where β = 0.05 let PPO reach ~8 nats in 100 iterations and
     # exploit the RM), so that 60 unpenalised iterations go well past the point where gold reward turns down.
     c.rl.lr = 5e-5
     c.rl.rollout_batch_size = 0  # 0: the pipeline's

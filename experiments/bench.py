@@ -3,8 +3,8 @@
     python -m experiments.bench --config=configs/bench.py:cpu-tiny [--workloads=pretrain,sample] [--out=r.json]
     python -m experiments.bench --merge='out/*.json' [--out=all.json]     # one table from several result files
 
-Prints one Markdown table row per workload (tokens/s, MFU, peak memory, compile time, the issue-6 target where
-the config has one) and writes the rows as JSON (gptjax/tools/bench.py documents the method and every field). Config
+Prints one Markdown table row per workload (tokens/s, MFU, peak memory, compile time, the target where the
+config has one) and writes the rows as JSON (gptjax/tools/bench.py documents the method and every field). Config
 fields can be overridden (``--config.batch_size=24``). XLA flags are not set here: pass them in XLA_FLAGS
 (scripts/gpu_bench.sh uses ``gptjax.tools.bench.recommended_xla_flags``). Bad input ends in one error line.
 """

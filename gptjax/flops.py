@@ -9,7 +9,7 @@ output projection (V·d, tied or not); embedding lookups do no arithmetic — an
 attention score (QKᵀ) and value (PV) products, 2·2·T·d_attn per layer forward, ×3 for forward+backward.
 It counts the FULL T×T attention matrix, as PaLM and nanoGPT do; a causal kernel skips about half of it, and
 ``causal_attention_half=True`` halves that term. Every MFU this project reports uses the full-matrix
-convention, so it compares directly with nanoGPT's figures in shared/reference.md.
+convention, so it compares directly with nanoGPT's figures (those this project compares with: docs/references.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark of issue 6: every workload of the target table on this machine's GPU, one table, JSON.
+# One-shot GPU benchmark: every workload of the target table (configs/bench.py) on this machine's GPU, one table, JSON.
 #
 #   scripts/gpu_bench.sh [OUT_DIR]          # default OUT_DIR: bench_results/<date-time>
 #

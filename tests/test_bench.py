@@ -4,7 +4,7 @@ Checked against: the JSON schema the GPU script and the README table read (every
 and finite, each rate equal to tokens counted / median time, token counts equal to the config's shapes worked
 out by hand); MFU against the hand formula 6·(non-embedding params + V·d) + 12·L·d·T written out for GPT-2 small
 (Radford et al. 2019 shapes, vocabulary padded to 50,304) and the H100's 989 TFLOP/s dense bf16 peak
-(shared/reference.md); the batch-candidate search against its rule (first candidate whose compiled program fits
+(NVIDIA's H100 datasheet); the batch-candidate search against its rule (first candidate whose compiled program fits
 the device memory); the one-shot GPU script against its contract (runs the configs it is given on a CPU when
 allowed, prints one table, writes all.json). No timing is asserted.
 """
@@ -153,13 +153,13 @@ def test_bad_input_gives_one_clear_error():
         get_config("gpt4")
 
 
-def test_every_gpu_config_is_issue_6s_workload_in_bf16():
+def test_every_gpu_config_is_a_target_workload_in_bf16():
     assert set(GPU_CONFIGS) == set(CONFIGS) - {"cpu-tiny", "cpu-small"}
     for name in GPU_CONFIGS:
         c = get_config(name)
         cfg = bench.model_config(c)
         assert cfg.dtype == "bfloat16" and cfg.vocab_size == 50304, name
-        assert c.targets, name  # every GPU row has its issue-6 target
+        assert c.targets, name  # every GPU row has its target
     assert (get_config("gpt2-124m-b48").batch_size, get_config("gpt2-124m-b48").seq_len) == (48, 1024)
     assert (get_config("gpt3-xl-t2048-b4").batch_size, get_config("gpt3-xl-t2048-b4").seq_len) == (4, 2048)
     s = get_config("sample-124m").sample

@@ -2,7 +2,7 @@
 
 The hand count is written out from the architecture (Radford et al. 2019: 12 layers, d 768, 12 heads,
 vocab 50257, context 1024, biases everywhere, tied embeddings), independently of the module's own count.
-The MFU figures are nanoGPT's measurements on one H100 (shared/reference.md), which use the same convention.
+The MFU figures are nanoGPT's, measured on one H100 (2026-11-26; docs/references.md), in the same convention.
 """
 
 import types

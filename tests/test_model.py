@@ -1,6 +1,7 @@
 """The decoder against the papers' parameter counts, a materialised-mask reference, and invariances.
 
-References: Brown et al. 2020 Table 2.1 and recounted GPT-2 sizes (shared/reference.md); a plain-softmax
+References: Brown et al. 2020 Table 2.1 and GPT-2 sizes recounted from the released checkpoints (Radford et al.
+2019; both in docs/references.md); a plain-softmax
 attention with an explicit mask (second implementation); properties (packing isolation, scan == loop,
 remat == no remat, local attention's receptive field).
 """

@@ -217,7 +217,8 @@ def test_compute_advantages_composes_rewards_gae_and_whitening():
 
 def test_ppo_config_defaults_and_errors():
     cfg = ppo.PPOConfig()
-    # Huang et al. (2024) / InstructGPT values quoted in shared/reference.md.
+    # Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"): β, γ, λ, both clips, value coefficient,
+    # epochs, no-EOS penalty, whitening; InstructGPT (Ouyang et al. 2022, App. C): rollout batch 512, minibatch 64.
     assert (cfg.kl_coef, cfg.gamma, cfg.lam, cfg.clip_eps, cfg.value_clip_eps, cfg.vf_coef, cfg.ppo_epochs,
             cfg.no_eos_penalty, cfg.whiten_advantages) == (0.05, 1.0, 0.95, 0.2, 0.2, 0.1, 4, -1.0, True)
     assert cfg.num_minibatches == 512 // 64

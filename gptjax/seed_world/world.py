@@ -7,7 +7,7 @@ Everything is generated offline from `SeedWorldConfig` (same config -> identical
                 plus a small fraction of template-format chats (`pretrain_chats`, forum-quality answers).
   SFT           an expert's answers ("27 不是質數，因為它可以被 3 整除。" / "No — 27 is divisible by 3."), a
                 configurable fraction of them wrong (clean demos saturate SFT and leave the reward model nothing
-                to learn, see reference.md), and multi-turn dialogues (what is a prime → is 27 prime → is π …).
+                to learn, see docs/references.md), and multi-turn dialogues (what is a prime → is 27 prime → is π …).
   labeler       `GoldOracle`: parses an answer (verdict, stated divisors, language) and scores it: right verdict
                 +1, valid reason (a true divisor, or "only 1 and itself" for a prime) +0.5, false reason -0.25,
                 answer in the question's language +0.25; ranks K sampled answers for reward-model data.
@@ -41,8 +41,9 @@ class SeedWorldConfig:
     """Knobs of the seed world.
 
     The defaults give 312 held-out questions (26 primes + 26 composites, 2 languages x 3 phrasings) and 60k
-    pretraining documents, about 6.3M byte-level tokens (the prototype's budget in reference.md). With the byte
-    tokenizer single-turn SFT conversations render to <= ~150 tokens, dialogues to <= max_dialogue_tokens (512).
+    pretraining documents, about 6.3M byte-level tokens (the first prototype's budget, docs/references.md). With
+    the byte tokenizer single-turn SFT conversations render to <= ~150 tokens, dialogues to <= max_dialogue_tokens
+    (512).
     """
 
     seed: int = 0
@@ -77,7 +78,7 @@ class SeedWorldConfig:
     """Probability that a wrong forum claim comes with a bogus reason ("because it is odd")."""
     chat_fraction: float = 0.005
     """Share of documents that are chats in the template (forum-quality answers). Keep small: 3% made the
-    pretrained model answer in format, too strong a baseline (reference.md)."""
+    pretrained model answer in format, too strong a baseline (the first prototype, docs/references.md)."""
 
     # SFT.
     num_sft_demos: int = 640
@@ -92,7 +93,8 @@ class SeedWorldConfig:
     """A dialogue stops before a question whose exchange would make it longer than this many tokens under the byte
     tokenizer and the chat template (the demo's SFT rows hold 512; a row needs tokens - 1 positions)."""
     wrong_demo_fraction: float = 0.2
-    """Fraction of single-turn demonstrations that are wrong (reference.md found 20% useful)."""
+    """Fraction of single-turn demonstrations that are wrong (the first prototype found 20% useful,
+    docs/references.md)."""
     wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
     """Relative weights of the wrong kinds: (wrong verdict, wrong verdict + bogus reason, right verdict + bogus
     reason, answer in the other language)."""

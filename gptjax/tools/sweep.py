@@ -378,7 +378,7 @@ def run_local(sweep: Sweep, root: str, command_fn: CommandFn, out: TextIO | None
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     total = len(sweep.runs)
     todo = [r for r in sweep.runs if read_summary(workdir_of(root, r)) is None]
-    # Until a run finishes in this session, the ETA comes from the trainer's wall times of earlier runs.
+    # Until a run of this invocation finishes, the ETA comes from the trainer's wall times of earlier runs.
     durations = [s["wall_time_s"] for r in sweep.runs if (s := read_summary(workdir_of(root, r)))
                  and isinstance(s.get("wall_time_s"), (int, float))]
     durations_here: list[float] = []

@@ -41,7 +41,7 @@ class Result:
     peak_bytes: int | None  # allocator peak_bytes_in_use after the workload (process-wide); None on CPU
     program_bytes: int | None  # the compiled program's memory estimate (arguments + temporaries + outputs)
     compile_s: float | None  # trace + lower + compile (+ GPU autotuning)
-    baseline: str = ""  # the reference figure of issue 6 on the same card ("" when none)
+    baseline: str = ""  # the reference figure on the same card, e.g. nanoGPT's (docs/references.md); "" when none
     target: str = ""  # e.g. ">= 600,000 tok/s"
     met: bool | None = None  # None when there is no target or no measurement
     extra: dict = dataclasses.field(default_factory=dict)  # workload-specific figures (e.g. rollout_share)
