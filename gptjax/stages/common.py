@@ -10,7 +10,8 @@ checkpoint, so a researcher only names the run to continue from (``resolve_from_
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -87,6 +88,29 @@ def resolved_config(cfg, path: str | None = None, field: str = "train.init_from"
     with out.unlocked():
         out.model, out.tokenizer = model_cfg, tok_cfg
     return out
+
+
+def build_for_training(cfg, model_class, *, train_data: str = "") -> tuple[Tokenizer, nn.Module, Any, int]:
+    """(tokenizer, ``model_class`` of the config's model, mesh, microbatch rows) of a run's config. With
+    ``train_data`` (what ``data.train_path`` must name), an empty ``data.train_path`` is an error saying so."""
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model = model_class(build_model_config(cfg.model, tokenizer, cfg.train.seq_len))
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    micro = micro_batch(cfg, mesh)
+    if train_data and not cfg.data.train_path:
+        raise ConfigError(f"data.train_path: give {train_data}")
+    return tokenizer, model, mesh, micro
+
+
+def held_out_batches(batches_fn: Callable, cfg, tokenizer: Tokenizer, micro: int, **kwargs) -> Callable | None:
+    """A factory of evaluation iterators over ``data.eval_path`` (None without one): ``batches_fn`` (a
+    post-training reader) in file order, one pass, the last batch kept; ``train.eval_batch_size`` rows, else
+    ``micro``."""
+    if not cfg.data.eval_path:
+        return None
+    eval_batch = int(cfg.train.eval_batch_size) or micro
+    return functools.partial(batches_fn, cfg.data.eval_path, tokenizer, int(cfg.train.seq_len), eval_batch,
+                             shuffle=False, num_epochs=1, drop_remainder=False, **kwargs)
 
 
 def micro_batch(cfg, mesh) -> int:

@@ -101,10 +101,7 @@ def objective(cfg, model: GPT):
 
 def run(cfg, workdir: str) -> loop.TrainResult:
     t = cfg.train
-    tokenizer = common.build_tokenizer(cfg.tokenizer)
-    model = GPT(common.build_model_config(cfg.model, tokenizer, t.seq_len))
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    micro = common.micro_batch(cfg, mesh)
+    tokenizer, model, mesh, micro = common.build_for_training(cfg, GPT)
     shared = dict(seq_len=int(t.seq_len), seed=int(t.seed))
     train_iter = make_lm_iterator(cfg.data, tokenizer, split="train", global_batch_size=micro, **shared)
     eval_iter = None

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import flops, sharding
+from gptjax import flops
 from gptjax.data import batches, chat, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
@@ -231,21 +231,12 @@ def run(cfg, workdir: str) -> loop.TrainResult:
     """K-wise ranking loss on ``data.train_path`` rankings; then the bias that centres demonstrations at 0."""
     cfg = common.resolved_config(cfg)
     t = cfg.train
-    tokenizer = common.build_tokenizer(cfg.tokenizer)
-    model = ScoreModel(common.build_model_config(cfg.model, tokenizer, t.seq_len))
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    micro = common.micro_batch(cfg, mesh)
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path: give the rankings (JSONL, {\"prompt\": ..., \"responses\": [best..worst]})")
+    tokenizer, model, mesh, micro = common.build_for_training(
+        cfg, ScoreModel, train_data="the rankings (JSONL, {\"prompt\": ..., \"responses\": [best..worst]})")
     slots = int(cfg.data.num_slots) or None
     train_iter = post_training.ranking_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro,
                                                seed=int(t.seed), num_slots=slots)
-    eval_iter = None
-    if cfg.data.eval_path:
-        eval_batch = int(t.eval_batch_size) or micro
-        eval_iter = functools.partial(post_training.ranking_batches, cfg.data.eval_path, tokenizer, int(t.seq_len),
-                                      eval_batch, shuffle=False, num_epochs=1, drop_remainder=False,
-                                      num_slots=slots)
+    eval_iter = common.held_out_batches(post_training.ranking_batches, cfg, tokenizer, micro, num_slots=slots)
     result = loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
                                eval_iter=eval_iter, mesh=mesh, loss_is_token_nll=False)
     if cfg.data.demos_path:

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gptjax import flops, sharding
+from gptjax import flops
 from gptjax.data import batches, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import GPT
@@ -75,18 +75,10 @@ def run(cfg, workdir: str) -> loop.TrainResult:
     """Teacher forcing on conversations (JSONL ``data.train_path``), loss on assistant tokens only."""
     cfg = common.resolved_config(cfg)
     t = cfg.train
-    tokenizer = common.build_tokenizer(cfg.tokenizer)
-    model = GPT(common.build_model_config(cfg.model, tokenizer, t.seq_len))
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    micro = common.micro_batch(cfg, mesh)
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path: give the SFT conversations (JSONL, one {\"messages\": [...]} per line)")
+    tokenizer, model, mesh, micro = common.build_for_training(
+        cfg, GPT, train_data="the SFT conversations (JSONL, one {\"messages\": [...]} per line)")
     train_iter = post_training.sft_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro, seed=int(t.seed))
-    eval_iter = None
-    if cfg.data.eval_path:
-        eval_batch = int(t.eval_batch_size) or micro
-        eval_iter = functools.partial(post_training.sft_batches, cfg.data.eval_path, tokenizer, int(t.seq_len),
-                                      eval_batch, shuffle=False, num_epochs=1, drop_remainder=False)
+    eval_iter = common.held_out_batches(post_training.sft_batches, cfg, tokenizer, micro)
     return loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
                              eval_iter=eval_iter, mesh=mesh,
                              sample_fn=common.make_sample_fn(model, tokenizer, t, mesh, chat_prompts=True))
