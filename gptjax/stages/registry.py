@@ -12,7 +12,7 @@ Who asks what:
     tools.analysis        components (the networks to load), title, chat_format, split_loss, report
     tools.bench           bench: each stage's train step or iteration (stage names are workload names)
     tools.plan            objective and batch: the train step it compiles ahead of time
-    experiments.chat      load_policy: the network whose role is "policy", built with policy_seq_len
+    experiments.chat      load_policy: the network of a run whose role is "policy"
 
 Stages to come fit the same record: an offline preference stage (DPO) is a policy and a frozen reference trained
 by the shared loop (``objective`` and ``batch`` as here, ``report`` for its KL to the reference); critic-free RL
@@ -58,11 +58,6 @@ class Component:
             raise ConfigError(f"component {self.name!r}: role={self.role!r} is unknown; valid roles: {list(ROLES)}")
 
 
-def train_seq_len(stored: ml_collections.ConfigDict) -> int:
-    """The default ``policy_seq_len``: the run's ``train.seq_len``."""
-    return int(stored.train.seq_len)
-
-
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """What a stage is, field by field. Only ``name``, ``title``, ``run`` and ``components`` are required."""
@@ -72,10 +67,9 @@ class Stage:
     # (cfg, workdir) -> result: build tokenizer, model, objective and data from cfg and train (or resume) in
     # workdir. The result has ``step`` and ``train_metrics`` or ``metrics`` (experiments.train prints them).
     run: Callable[[ml_collections.ConfigDict, str], Any]
-    # (stored config, tokenizer) -> the networks one of its checkpoints holds, the main one first (dropout off).
+    # (stored config, tokenizer) -> the networks one of its checkpoints holds, the main one first, built as the
+    # run built them (dropout off; PPO checks its policy against the prompt length, the others train.seq_len).
     components: Callable[[ml_collections.ConfigDict, Tokenizer], list[Component]]
-    # stored config -> the sequence length its policy's model config is checked against (PPO: the prompt length).
-    policy_seq_len: Callable[[ml_collections.ConfigDict], int] = train_seq_len
     # True: model.preset / tokenizer.kind may say "from_init" and come from train.init_from's run; the workdir
     # stores the config with them filled in. False: the config names its model (pretraining).
     inherits_model: bool = True
@@ -145,9 +139,14 @@ def get(name: str) -> Stage:
     return _STAGES[name]
 
 
+def stage_name(stored: ml_collections.ConfigDict) -> str:
+    """The stage a stored run config names (configs written before the field existed are pretraining runs)."""
+    return stored.get("stage", "pretrain")
+
+
 def stage_of(stored: ml_collections.ConfigDict) -> Stage:
-    """The stage of a stored run config (configs written before the field existed are pretraining runs)."""
-    return get(stored.get("stage", "pretrain"))
+    """The stage of a stored run config."""
+    return get(stage_name(stored))
 
 
 def run_stage(cfg: ml_collections.ConfigDict, workdir: str):

@@ -137,5 +137,5 @@ def report(run, params: Mapping, step: int, opts) -> dict:
 
 
 STAGE = registry.register(registry.Stage(
-    name="ppo", title="PPO", run=run, components=components, policy_seq_len=prompt_len, split_loss=split_loss,
-    report=report, bench=ppo_bench.bench))
+    name="ppo", title="PPO", run=run, components=components, split_loss=split_loss, report=report,
+    bench=ppo_bench.bench))
