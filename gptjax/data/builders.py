@@ -192,10 +192,8 @@ def _text_files_corpus(cfg: Any, val_fraction: float) -> prepare_lib.Corpus:
                      val_fraction)
     settings = dict(root=str(root), text_field=_field(cfg, "text_field"), split_paragraphs=paragraphs,
                     val_fraction=val_fraction)
-    worker_settings = dict(settings, mode="text_files", whole_files=not paragraphs and all(
-        readers.kind_of(f) == "txt" for f in files))
     return prepare_lib.Corpus("gptjax_text_files", fingerprint(files, **settings), f"{len(files)} files under {root}",
-                              files, root, worker_settings, Path(data_dir_of(cfg)))
+                              files, root, dict(settings, mode="text_files"), Path(data_dir_of(cfg)))
 
 
 def _local_corpus(cfg: Any, fetch: bool = False) -> prepare_lib.Corpus:
