@@ -6,11 +6,12 @@ runs elsewhere), ``resolve_config_path`` maps a ``configs/…`` path onto the in
 README's commands work from any directory. Everything else about ``config_flags`` is unchanged: the part after
 the colon goes to ``get_config``, ``--config.a.b=v`` overrides fields.
 
-``pin_cpu_without_accelerator``: JAX probes every backend it has a factory for. With ``libtpu`` importable (the
-``tpu`` extra, or an older test install), that probe loads libtpu on a machine without TPU chips, which prints
-"TPU initialization failed" and ``TPU_WORKER_HOSTNAMES`` errors to stderr before JAX falls back to the CPU. When no
-TPU chip and no NVIDIA GPU is present, the CPU is the only backend that can work, so pinning it changes nothing
-but the noise. ``experiments/__init__.py`` calls it before JAX is imported.
+``pin_cpu_without_accelerator``: JAX registers a TPU backend on every machine and, unless ``JAX_PLATFORMS`` says
+otherwise, tries it at start-up: with libtpu importable (the ``tpu`` extra, or an older test install) that loads
+libtpu on a machine without TPU chips, which prints "TPU initialization failed" and ``TPU_WORKER_HOSTNAMES``
+errors; without it, JAX still logs "Unable to initialize backend 'tpu'". When the machine has no TPU chip, no
+NVIDIA GPU and no other JAX accelerator plugin, the CPU is the only backend that can work, so pinning it changes
+nothing but the noise. ``experiments/__init__.py`` calls it before any binary imports JAX.
 """
 
 from __future__ import annotations
@@ -62,20 +63,28 @@ def tpu_chips_present() -> bool:
     return False
 
 
-def pin_cpu_without_accelerator() -> bool:
-    """Set JAX_PLATFORMS=cpu when libtpu is importable but neither a TPU nor an NVIDIA GPU is present.
+def _accelerator_plugins() -> bool:
+    """Whether a JAX PJRT plugin (CUDA, ROCm, Metal, ...) is installed: JAX would want to try it."""
+    from importlib import metadata
 
-    Does nothing when JAX_PLATFORMS is already set or libtpu is absent. Returns True if it pinned the CPU.
+    return bool(metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("jax_plugins") is not None
+
+
+def pin_cpu_without_accelerator() -> bool:
+    """Set JAX_PLATFORMS=cpu when this machine has no TPU chip, no NVIDIA GPU and no accelerator plugin.
+
+    Does nothing when JAX_PLATFORMS is already set. Returns True if it pinned the CPU.
     """
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    if "JAX_PLATFORMS" in os.environ:
         return False
-    if tpu_chips_present() or any(os.path.exists(d) for d in _NVIDIA_DEVICES):
+    if tpu_chips_present() or any(os.path.exists(d) for d in _NVIDIA_DEVICES) or _accelerator_plugins():
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
-    try:  # JAX already imported (e.g. by a test): the config, not the environment, is what it reads now
-        import sys
-        if "jax" in sys.modules:
+    import sys
+
+    if "jax" in sys.modules:  # JAX already imported (by a test, say): it reads its config now, not the environment
+        try:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
-    except Exception:  # backends already initialised: nothing more to do
-        pass
+        except Exception:  # backends already started: nothing left to quiet
+            pass
     return True
