@@ -187,9 +187,9 @@ def _text_files_corpus(cfg: Any, val_fraction: float) -> prepare_lib.Corpus:
     paragraphs = bool(_field(cfg, "split_paragraphs"))
     if not paragraphs and _paragraphs_needed(files, root, val_fraction):
         paragraphs = True
-        logging.info("data: no whole file of the %d .txt file(s) falls in the validation split (val_fraction=%s): "
-                     "using blank-line paragraphs as documents (as data.split_paragraphs=True)", len(files),
-                     val_fraction)
+        prepare_lib.say_once(f"data: no whole file of the {len(files)} .txt file(s) falls in the validation split "
+                             f"(val_fraction={val_fraction}): using blank-line paragraphs as documents (as "
+                             f"data.split_paragraphs=True)")
     settings = dict(root=str(root), text_field=_field(cfg, "text_field"), split_paragraphs=paragraphs,
                     val_fraction=val_fraction)
     return prepare_lib.Corpus("gptjax_text_files", fingerprint(files, **settings), f"{len(files)} files under {root}",

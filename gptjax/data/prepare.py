@@ -59,6 +59,16 @@ class Corpus:
         return self.build_dir.parent / f"{VERSION}.failed"
 
 
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """An INFO line logged once per process (the train and validation iterators both prepare the corpus)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.info("%s", message)
+
+
 def is_built(build_dir: Path) -> bool:
     return (build_dir / INFO_FILE).is_file()
 
@@ -152,7 +162,7 @@ def build(corpus: Corpus, workers: int | None = None) -> Path:
     start = time.monotonic()
     try:
         units = make_units(corpus, tmp, workers)
-        logging.info("data: preparing %d files (%s) with %d process(es) into %s", len(corpus.files), _size(total),
+        logging.info("data: preparing %d file(s) (%s) with %d process(es) into %s", len(corpus.files), _size(total),
                      min(workers, len(units)), corpus.build_dir)
         results = shards.run_units(units, workers, _Progress(total, len(units)))
         counts = _write_metadata(corpus, tmp, results)
@@ -196,7 +206,7 @@ def ensure_built(corpus: Corpus, *, workers: int | None = None, process_index: i
                  poll_seconds: float = 1.0) -> Path:
     """The corpus's build directory: reused if complete, built by process 0, awaited by the others."""
     if is_built(corpus.build_dir):
-        logging.info("data: reusing the prepared corpus in %s", corpus.build_dir)
+        say_once(f"data: reusing the prepared corpus in {corpus.build_dir}")
         return corpus.build_dir
     if process_index == 0:
         corpus.failed_note.unlink(missing_ok=True)
