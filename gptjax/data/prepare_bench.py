@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import threading
 import time
@@ -105,6 +106,12 @@ class PeakMemory:
         self._thread.join()
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the shard writers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run(benchmark_dir: Path, gigabytes: float, workers: int | None) -> dict:
     """Builds the benchmark corpus from scratch; returns the measured figures (also printed)."""
     from gptjax.data import builders
@@ -114,17 +121,20 @@ def run(benchmark_dir: Path, gigabytes: float, workers: int | None) -> dict:
     cfg = default_data_config()
     cfg.update(source="text_files", paths=",".join(map(str, paths)), data_dir=str(benchmark_dir / "data"))
     shutil.rmtree(benchmark_dir / "data", ignore_errors=True)
+    cpu_before = _cpu_seconds()
     with PeakMemory() as memory:
         start = time.perf_counter()
         build_dir = builders.prepare_local(cfg, workers=workers)
         seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_before
     record = json.loads((build_dir / "gptjax_build.json").read_text())
     text_bytes = sum(f.stat().st_size for f in build_dir.iterdir() if ".array_record-" in f.name)
     result = {"files": len(paths), "input_gb": compressed / 1e9, "seconds": seconds,
               "input_mb_per_s": compressed / 1e6 / seconds, "documents": record["documents"],
-              "output_gb": text_bytes / 1e9, "peak_rss_mb": memory.peak / 2**20}
+              "output_gb": text_bytes / 1e9, "peak_rss_mb": memory.peak / 2**20, "cpu_seconds": cpu}
     print(f"prepared {result['input_gb']:.2f} GB of .jsonl.gz ({len(paths)} files) in {seconds:.1f} s: "
           f"{result['input_mb_per_s']:.1f} MB/s of compressed input; peak memory {result['peak_rss_mb']:.0f} MiB "
           f"(this process and its shard writers); {sum(record['documents'].values()):,} documents, "
-          f"{result['output_gb']:.2f} GB of shards")
+          f"{result['output_gb']:.2f} GB of shards; {cpu:.0f} CPU-seconds ({compressed / 1e6 / cpu:.1f} MB per "
+          f"CPU-second)")
     return result

@@ -20,6 +20,11 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+try:  # ISA-L's inflate: the same output as zlib's, ~2.5x faster (the largest cost of reading .gz files)
+    from isal import isal_zlib as _inflate
+except ImportError:
+    _inflate = zlib
+
 CHUNK_BYTES = 1 << 20
 _MAX_INFLATE = 8 * CHUNK_BYTES  # decompressed bytes per step: a highly compressible file cannot flood memory
 COMPRESSIONS = (".gz", ".zst")
@@ -52,7 +57,7 @@ def _optional_module(name: str, path: Path, extra: str):
 # ----------------------------------------------------------------------------------------------- bytes
 
 def _gzip_chunks(path: Path, f) -> Iterator[bytes]:
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip (or zlib) header, any window size
+    inflater = _inflate.decompressobj(wbits=47)  # 32 + 15: a gzip (or zlib) header, any window size
     member_started = False  # the current member got input: at the end of the file it must be complete
     try:
         while data := f.read(CHUNK_BYTES):
@@ -65,13 +70,13 @@ def _gzip_chunks(path: Path, f) -> Iterator[bytes]:
                     data = inflater.unconsumed_tail
                     continue
                 # A concatenated (multi-member) gzip file goes on with the next member; zero padding ends it.
-                data, inflater, member_started = inflater.unused_data, zlib.decompressobj(wbits=47), False
+                data, inflater, member_started = inflater.unused_data, _inflate.decompressobj(wbits=47), False
                 if not data.strip(b"\0"):
                     data = b""
         if member_started and not inflater.eof:
             raise DataError(f"{path}: the gzip stream is truncated (an interrupted download or copy?); "
                             f"fetch it again or exclude it from data.paths")
-    except zlib.error as e:
+    except (zlib.error, _inflate.error) as e:
         raise DataError(f"{path}: not a valid gzip file ({e}); re-compress it or exclude it from data.paths") from None
 
 
