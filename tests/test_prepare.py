@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import configs
 from gptjax import cli
 from gptjax.data import builders, prepare as prepare_lib
 from gptjax.data.builders import DataError
@@ -149,7 +150,8 @@ def test_broken_compressed_files_are_named(tmp_path):
 
 def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.resolve_config_path("configs/pretrain.py:tiny") == os.path.join(REPO, "configs", "pretrain.py") + ":tiny"
+    installed = os.path.join(os.path.dirname(configs.__file__), "pretrain.py")  # the repository's or pip's copy
+    assert cli.resolve_config_path("configs/pretrain.py:tiny") == installed + ":tiny"
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "pretrain.py").write_text("")
     assert cli.resolve_config_path("configs/pretrain.py:tiny") == "configs/pretrain.py:tiny"  # a local file wins
