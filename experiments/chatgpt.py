@@ -10,14 +10,13 @@ mean and per-seed values are written to WORKDIR/summary.md and WORKDIR/summary.j
 import json
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app, flags, logging
 
+from gptjax import cli
 from gptjax.seed_world import pipeline, tables
-
 from gptjax.train import metrics as metrics_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
+_CONFIG = cli.define_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Run these seeds (default: config.seed).")
 
@@ -46,5 +45,10 @@ def main(argv):
         print("\n" + table)
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``gptjax-chatgpt``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

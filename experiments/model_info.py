@@ -29,5 +29,10 @@ def main(argv):
               f"{p.source}{'; ' + p.note if p.note else ''}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``gptjax-model-info``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -11,12 +11,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax.errors import ConfigError, DataFormatError
 from gptjax.seed_world import overopt
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/overopt.py:default", "Study config.")
+_CONFIG = cli.define_config_file("config", "configs/overopt.py:default", "Study config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The seed-world pipeline workdir (run into if empty).")
 _OUT = flags.DEFINE_string("out", None, "Where the study's runs, table and plot go (default: WORKDIR/overopt).")
 

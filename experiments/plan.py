@@ -49,14 +49,14 @@ if __name__ == "__main__":
     _use_fake_devices(sys.argv)
 
 from absl import app, flags  # noqa: E402  (after the device count is set)
-from ml_collections import config_flags  # noqa: E402
 
+from gptjax import cli  # noqa: E402
 from gptjax.assets import AssetMissingError  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
 from gptjax.tools import plan as plan_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:gpt3-175b.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:gpt3-175b.",
+                                  lock_config=True)
 _MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "(data, fsdp, tensor) mesh; one -1 takes the remaining devices "
                           "(default: pure FSDP).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Fake CPU devices to plan for (not with --topology).")

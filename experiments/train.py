@@ -12,16 +12,16 @@ import importlib.util
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax import distributed
 from gptjax.assets import AssetMissingError
 from gptjax.errors import ConfigError, DataError
 from gptjax.stages import registry
 from gptjax.train import loop, metrics as metrics_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", None, "Config file and preset, e.g. configs/pretrain.py:tiny.",
+                                  lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics. Resumed if it exists.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose stored config differs (sets train.allow_config_change).")
@@ -36,7 +36,7 @@ def _unknown_override(argv) -> str | None:
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None:
         return None
-    path, _, arg = spec.partition(":")
+    path, _, arg = cli.resolve_config_path(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_config_for_error", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -95,6 +95,11 @@ def main(argv):
         print(f"sample: {text!r}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``gptjax-train``)."""
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

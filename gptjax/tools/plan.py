@@ -33,6 +33,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from typing import Any, Sequence
 
@@ -68,6 +69,24 @@ TPU_MEMORY = {"v4": 32 * 2**30, "v5p": 95.74 * 2**30, "v5e": 16 * 2**30, "v5lite
               "v6e": 32 * 2**30}
 TPU_PEAK = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v5litepod": 197e12, "v6e": 918e12}
 LIBTPU_REQUIREMENT = "jax[tpu]==0.10.2"  # brings libtpu 0.0.42.1, which compiles for TPU topologies on a CPU
+# libtpu is kept out of CPU environments (loaded there, JAX's backend probe prints TPU errors on every start), so
+# `make setup` installs it beside the venv: <venv>/libtpu, found here and handed to JAX only for the planner.
+LIBTPU_SIDE_DIR = "libtpu"
+LIBTPU_HINT = (f"libtpu is not installed: `make setup` puts it in .venv/{LIBTPU_SIDE_DIR} (pip install --target "
+               f"<venv>/{LIBTPU_SIDE_DIR} -r requirements-tpu-planner.txt), or pip install \"{LIBTPU_REQUIREMENT}\"")
+
+
+def libtpu_library() -> str | None:
+    """libtpu.so for the TPU compiler: $TPU_LIBRARY_PATH, the libtpu package, or the side install in the venv."""
+    import importlib.util
+
+    candidates = [os.environ.get("TPU_LIBRARY_PATH", "")]
+    spec = importlib.util.find_spec("libtpu")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(os.path.join(list(spec.submodule_search_locations)[0], "libtpu.so"))
+    side = os.environ.get("GPTJAX_LIBTPU_DIR") or os.path.join(sys.prefix, LIBTPU_SIDE_DIR)
+    candidates.append(os.path.join(side, "libtpu", "libtpu.so"))
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
 DEFAULT_EFFICIENCY = 0.6
 
 
@@ -123,6 +142,11 @@ def tpu_target(topology_name: str, *, device_memory: float | None = None, peak_f
     # libtpu takes a machine-wide lockfile when it loads, so a second jax process that loaded it (a training run,
     # another test) would make this fail; compiling for a described topology uses no TPU, so sharing is safe.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    library = libtpu_library()
+    if library is None:
+        raise ConfigError(f"cannot describe TPU topology {topology_name!r}: {LIBTPU_HINT}")
+    jax.devices()  # start the backends first, so that the path below never makes JAX probe libtpu for devices
+    os.environ.setdefault("TPU_LIBRARY_PATH", library)
     try:
         from jax.experimental import topologies
         topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
+from gptjax.cli import resolve_config_path
+
 SPEC_KEYS = ("base_config", "overrides", "axes", "combine")
 COMBINE_MODES = ("product", "zip")
 SUMMARY_FILE = "summary.json"
@@ -73,6 +75,7 @@ class Sweep:
 
 
 def _load_module(path: str, what: str):
+    path = resolve_config_path(path)
     if not os.path.isfile(path):
         raise SweepError(f"{what} {path!r} does not exist (paths are relative to {os.getcwd()})")
     module_name = "_gptjax_loaded_" + re.sub(r"\W", "_", os.path.abspath(path))

@@ -31,7 +31,10 @@ TB_DIR = "tb"
 
 class _QuietLibraries(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not any(s in record.pathname for s in QUIET_LIBRARIES)
+        from absl import logging as absl_logging  # -v 1 (DEBUG) and up: the libraries' INFO records too
+
+        return (record.levelno >= std_logging.WARNING or absl_logging.get_verbosity() >= absl_logging.DEBUG
+                or not any(s in record.pathname for s in QUIET_LIBRARIES))
 
 
 def quiet_library_logs() -> None:
