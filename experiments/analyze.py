@@ -14,11 +14,10 @@ another run or checkpoint. Computation: gptjax/tools/analysis.py.
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from gptjax.errors import ConfigError, DataFormatError
+from gptjax import cli
 from gptjax.tools import analysis
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to analyse (its workdir).", required=True)
@@ -49,14 +48,11 @@ def run(workdir: str, out: str | None = None, **options) -> dict:
 def main(argv):
     del argv
     prompts = [p.replace("\\n", "\n") for p in _PROMPTS.value] if _PROMPTS.value else None
-    try:
-        run(_WORKDIR.value, _OUT.value, step=_STEP.value, compare=_COMPARE.value, split=_SPLIT.value,
-            eval_batches=_EVAL_BATCHES.value, prompts=prompts, temperature=_TEMPERATURE.value,
-            max_new_tokens=_MAX_NEW.value, answers_file=_ANSWERS.value, kl_prompts=_KL_PROMPTS.value,
-            kl_num_prompts=_KL_NUM.value, seed=_SEED.value)
-    except (ConfigError, DataFormatError, FileNotFoundError) as e:
-        sys.exit(f"analyze: error: {e}")
+    run(_WORKDIR.value, _OUT.value, step=_STEP.value, compare=_COMPARE.value, split=_SPLIT.value,
+        eval_batches=_EVAL_BATCHES.value, prompts=prompts, temperature=_TEMPERATURE.value,
+        max_new_tokens=_MAX_NEW.value, answers_file=_ANSWERS.value, kl_prompts=_KL_PROMPTS.value,
+        kl_num_prompts=_KL_NUM.value, seed=_SEED.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

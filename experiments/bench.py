@@ -32,18 +32,6 @@ _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace one more call of 
 _MERGE = flags.DEFINE_string("merge", None, "Instead of measuring: glob of result JSON files to print as one table.")
 
 
-def _parse_flags(argv):
-    """absl flag parsing, with a bad config (name or override) reported in one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        sys.exit(f"error: {lines[-1] if lines else e}")
-    except (AttributeError, KeyError) as e:
-        detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
-        sys.exit(f"error: bad --config override: {detail}")
-
-
 def _merge(pattern: str) -> None:
     paths = sorted(glob.glob(pattern), key=os.path.getmtime)  # the order they were measured in
     if not paths:
@@ -63,34 +51,31 @@ def _merge(pattern: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        if _MERGE.value:
-            _merge(_MERGE.value)
-            return
-        if _CONFIG.value is None:
-            raise ConfigError("pass --config=configs/bench.py:<name> (or --merge=GLOB)")
-        cfg = _CONFIG.value
-        meta = bench.environment()
-        print(f"# {cfg.name} on {meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, "
-              f"XLA_FLAGS={meta['xla_flags'] or '(none)'}", flush=True)
+    if _MERGE.value:
+        _merge(_MERGE.value)
+        return
+    if _CONFIG.value is None:
+        raise ConfigError("pass --config=configs/bench.py:<name> (or --merge=GLOB)")
+    cfg = _CONFIG.value
+    meta = bench.environment()
+    print(f"# {cfg.name} on {meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, "
+          f"XLA_FLAGS={meta['xla_flags'] or '(none)'}", flush=True)
 
-        def progress(result):  # each row as soon as it is measured, in case a later workload dies
-            print("measured: " + " | ".join(bench.table_row(result)), file=sys.stderr, flush=True)
+    def progress(result):  # each row as soon as it is measured, in case a later workload dies
+        print("measured: " + " | ".join(bench.table_row(result)), file=sys.stderr, flush=True)
 
-        results = bench.run(cfg, _WORKLOADS.value, label=_LABEL.value, on_result=progress,
-                            profile_dir=_PROFILE_DIR.value)
-        print(bench.format_table(results), flush=True)
-        for r in results:
-            if "top_ops" in r.extra:
-                print(f"\n# device time by op, {r.workload}{' [' + r.label + ']' if r.label else ''} (one traced call)\n"
-                      + bench.format_op_times(r.extra["top_ops"]), flush=True)
-        if _OUT.value:
-            bench.write_json(_OUT.value, results, meta)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    results = bench.run(cfg, _WORKLOADS.value, label=_LABEL.value, on_result=progress,
+                        profile_dir=_PROFILE_DIR.value)
+    print(bench.format_table(results), flush=True)
+    for r in results:
+        if "top_ops" in r.extra:
+            print(f"\n# device time by op, {r.workload}{' [' + r.label + ']' if r.label else ''} (one traced call)\n"
+                  + bench.format_op_times(r.extra["top_ops"]), flush=True)
+    if _OUT.value:
+        bench.write_json(_OUT.value, results, meta)
     if any(r.status != "ok" for r in results):
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

@@ -3,10 +3,12 @@
     python -m experiments.chat --workdir=workdirs/demo/ppo [--temperature=0.7] [--system="You are ..."]
 
 Multi-turn: the model sees the whole conversation, rendered with the template SFT trained on. /reset, /quit.
+A workdir without a policy checkpoint ends in one error line (``--verbose``: with the traceback).
 """
 
-from absl import app, flags
+from absl import flags
 
+from gptjax import cli
 from gptjax.stages.registry import load_policy
 from gptjax.tools.chat_session import ChatSession, run_repl
 
@@ -26,7 +28,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``gptjax-chat``)."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ frontier with N_opt(C) ∝ C^a (compute_frontier.png). Formulas: gptjax/tools/sc
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from gptjax import cli
 from gptjax.tools import scaling
 
 _RESULTS = flags.DEFINE_string("results", None, "results.csv written by experiments.sweep.", required=True)
@@ -53,12 +53,9 @@ def run(results: str, out: str, n_column: str, loss_column: str, num_bootstrap: 
 
 def main(argv):
     del argv
-    try:
-        run(_RESULTS.value, _OUT.value or os.path.dirname(os.path.abspath(_RESULTS.value)), _N_COLUMN.value,
-            _LOSS_COLUMN.value, _BOOTSTRAP.value, _BOOTSTRAP_2D.value, _SEED.value)
-    except scaling.ScalingError as e:
-        sys.exit(f"fit_scaling: error: {e}")
+    run(_RESULTS.value, _OUT.value or os.path.dirname(os.path.abspath(_RESULTS.value)), _N_COLUMN.value,
+        _LOSS_COLUMN.value, _BOOTSTRAP.value, _BOOTSTRAP_2D.value, _SEED.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from gptjax import cli
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the transformers GPT-2 directory to read.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "import: the run directory to write; export: the run to export.")
 _OUT = flags.DEFINE_string("out", None, "export: the new directory to write.")
@@ -74,7 +76,6 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}: python -m experiments.hf import "
                              f"--hf_dir=DIR --workdir=RUN | export --workdir=RUN --out=DIR")
-    from gptjax.assets import AssetMissingError
     from gptjax.errors import ConfigError
 
     needed = {"import": {"--hf_dir": _HF_DIR.value, "--workdir": _WORKDIR.value},
@@ -87,13 +88,15 @@ def main(argv):
             print(import_run(_HF_DIR.value, _WORKDIR.value, _SCAN.value))
         else:
             print(export_run(_WORKDIR.value, _OUT.value))
-    except (ConfigError, AssetMissingError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # a checkpoint the bridge cannot read (gptjax.hf names the file and the problem)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
 
 
 def run():
     """Console-script entry point (``gptjax-hf``)."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

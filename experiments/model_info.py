@@ -5,8 +5,9 @@
 Nothing is allocated: counts come from jax.eval_shape of the Flax init.
 """
 
-from absl import app, flags
+from absl import flags
 
+from gptjax import cli
 from gptjax.model import count_params
 from gptjax.presets import PRESETS, get_preset
 
@@ -31,7 +32,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``gptjax-model-info``)."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

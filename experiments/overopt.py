@@ -8,12 +8,10 @@
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from gptjax import cli
-from gptjax.errors import ConfigError, DataFormatError
 from gptjax.seed_world import overopt
 
 _CONFIG = cli.define_config_file("config", "configs/overopt.py:default", "Study config.")
@@ -23,13 +21,10 @@ _OUT = flags.DEFINE_string("out", None, "Where the study's runs, table and plot 
 
 def main(argv):
     del argv
-    try:
-        results = overopt.run_study(_CONFIG.value, _WORKDIR.value, _OUT.value)
-    except (ConfigError, DataFormatError) as e:
-        sys.exit(f"overopt: error: {e}")
+    results = overopt.run_study(_CONFIG.value, _WORKDIR.value, _OUT.value)
     print(overopt.format_table(results))
     print(f"\nwrote {results['plot']} and {os.path.join(results['out'], overopt.STUDY_FILE)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -51,7 +51,6 @@ if __name__ == "__main__":
 from absl import app, flags  # noqa: E402  (after the device count is set)
 
 from gptjax import cli  # noqa: E402
-from gptjax.assets import AssetMissingError  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
 from gptjax.tools import plan as plan_lib  # noqa: E402
 
@@ -73,37 +72,31 @@ _EFFICIENCY = flags.DEFINE_float("efficiency", plan_lib.DEFAULT_EFFICIENCY,
 _LAYER_FLOPS = flags.DEFINE_bool("layer_flops", True, "Also lower 1- and 2-group unscanned variants to count the "
                                  "FLOPs of every loop iteration (the compiler counts a loop body once).")
 
-USER_ERRORS = (ConfigError, AssetMissingError)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
     try:
         mesh = tuple(int(s) for s in _MESH.value)
-        if _TOPOLOGY.value:
-            if _NUM_DEVICES.value:
-                raise ConfigError("--num_devices is for fake CPU devices; a --topology brings its own chips")
-            memory = plan_lib.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
-            target = plan_lib.tpu_target(_TOPOLOGY.value, device_memory=memory, peak_flops=_PEAK.value,
-                                         link_bandwidth=_BANDWIDTH.value)
-        else:
-            if not _NUM_DEVICES.value or not _DEVICE_MEMORY.value:
-                raise ConfigError("give --num_devices and --device_memory (e.g. --num_devices=64 "
-                                  "--device_memory=80GB), or a TPU --topology")
-            target = plan_lib.cpu_target(_NUM_DEVICES.value, plan_lib.parse_bytes(_DEVICE_MEMORY.value),
-                                         peak_flops=_PEAK.value, link_bandwidth=_BANDWIDTH.value,
-                                         node_bandwidth=_NODE_BANDWIDTH.value, devices_per_node=_PER_NODE.value)
-        plan = plan_lib.plan_train_step(cfg, target, mesh, efficiency=_EFFICIENCY.value,
-                                        layer_flops=_LAYER_FLOPS.value)
-    except ValueError as e:  # ConfigError, and int() of a bad --mesh entry
-        sys.exit(f"error: {e}")
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    except ValueError:
+        raise ConfigError(f"--mesh={','.join(_MESH.value)}: give three integers (data, fsdp, tensor)") from None
+    if _TOPOLOGY.value:
+        if _NUM_DEVICES.value:
+            raise ConfigError("--num_devices is for fake CPU devices; a --topology brings its own chips")
+        memory = plan_lib.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
+        target = plan_lib.tpu_target(_TOPOLOGY.value, device_memory=memory, peak_flops=_PEAK.value,
+                                     link_bandwidth=_BANDWIDTH.value)
+    else:
+        if not _NUM_DEVICES.value or not _DEVICE_MEMORY.value:
+            raise ConfigError("give --num_devices and --device_memory (e.g. --num_devices=64 "
+                              "--device_memory=80GB), or a TPU --topology")
+        target = plan_lib.cpu_target(_NUM_DEVICES.value, plan_lib.parse_bytes(_DEVICE_MEMORY.value),
+                                     peak_flops=_PEAK.value, link_bandwidth=_BANDWIDTH.value,
+                                     node_bandwidth=_NODE_BANDWIDTH.value, devices_per_node=_PER_NODE.value)
+    plan = plan_lib.plan_train_step(cfg, target, mesh, efficiency=_EFFICIENCY.value, layer_flops=_LAYER_FLOPS.value)
     print(plan_lib.format_plan(plan))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -14,12 +14,12 @@ Bad input ends in one error line and exit status 1.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from gptjax import cli, distributed
+from gptjax.errors import DataError
 
 _CONFIG = cli.define_config_file("config", None, "Config whose data section to prepare, e.g. "
                                  "configs/pretrain.py:tiny-bytes.", lock_config=True)
@@ -49,8 +49,10 @@ def main(argv):
             print(f"ready: {builders.prepare(data)}")
             return
         build_dir = builders.prepare_local(data, fetch=True, workers=_WORKERS.value)
-    except (builders.DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # DataError, and a bad value the data builders reject
+        if isinstance(e, DataError):
+            raise
+        raise DataError(str(e)) from None
     import tensorflow_datasets as tfds
 
     splits = tfds.builder_from_directory(build_dir).info.splits
@@ -59,7 +61,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``gptjax-prepare``)."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

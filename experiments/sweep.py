@@ -11,8 +11,9 @@ rerunning the same command skips finished runs and restarts the others in their 
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from gptjax import cli
 from gptjax.tools import sweep as sweep_lib
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/<name>.py) defining get_sweep().",
@@ -55,45 +56,42 @@ def _print_table(rows):
 
 def main(argv):
     del argv
+    sweep = sweep_lib.load_sweep(_SWEEP.value)
+    base = sweep_lib.validate(sweep)
+    if _SIZES_ONLY.value:
+        _print_sizes(sweep, base)
+        return
+    if not _ROOT.value:
+        raise sweep_lib.SweepError("--root is required: the directory that holds one workdir per run")
+    root = _ROOT.value
+    command_fn = sweep_lib.template_command(_COMMAND.value, sweep.base_config)
+    if _DRY_RUN.value:
+        codes = sweep_lib.last_exit_codes(root)
+        for i, run in enumerate(sweep.runs, start=1):
+            workdir = sweep_lib.workdir_of(root, run)
+            print(f"[{i}/{len(sweep.runs)}] {sweep_lib.run_status(root, run, codes):<10} {run.name}\n"
+                  f"    {' '.join(command_fn(run, workdir))}")
+        return
+    failed = {}
     try:
-        sweep = sweep_lib.load_sweep(_SWEEP.value)
-        base = sweep_lib.validate(sweep)
-        if _SIZES_ONLY.value:
-            _print_sizes(sweep, base)
-            return
-        if not _ROOT.value:
-            raise sweep_lib.SweepError("--root is required: the directory that holds one workdir per run")
-        root = _ROOT.value
-        command_fn = sweep_lib.template_command(_COMMAND.value, sweep.base_config)
-        if _DRY_RUN.value:
-            codes = sweep_lib.last_exit_codes(root)
-            for i, run in enumerate(sweep.runs, start=1):
-                workdir = sweep_lib.workdir_of(root, run)
-                print(f"[{i}/{len(sweep.runs)}] {sweep_lib.run_status(root, run, codes):<10} {run.name}\n"
-                      f"    {' '.join(command_fn(run, workdir))}")
-            return
-        failed = {}
-        try:
-            if _MODE.value == "local":
-                codes = sweep_lib.run_local(sweep, root, command_fn)
-                failed = {name: code for name, code in codes.items() if code != 0}
-            elif _MODE.value == "slurm":
-                commands, sbatch = sweep_lib.write_slurm(
-                    sweep, root, command_fn, partition=_PARTITION.value, gpus_per_task=_GPUS_PER_TASK.value,
-                    time_limit=_TIME.value, cpus_per_task=_CPUS_PER_TASK.value, max_parallel=_MAX_PARALLEL.value)
-                print(f"wrote {commands}")
-                print(f"submit: sbatch {sbatch}" if sbatch else "every run is finished: nothing to submit")
-        finally:  # the table reflects whatever finished, even after a failure or Ctrl-C
-            rows = sweep_lib.gather(sweep, root)
-            csv_path, json_path = sweep_lib.write_results(sweep, rows, root)
-        _print_table(rows)
-        print(f"wrote {csv_path} and {json_path}")
-        if failed:
-            sys.exit(f"sweep: {len(failed)} run(s) failed: {failed}; see {root}/logs/<run>.log, then rerun "
-                     f"this command to retry them")
-    except sweep_lib.SweepError as e:
-        sys.exit(f"sweep: error: {e}")
+        if _MODE.value == "local":
+            codes = sweep_lib.run_local(sweep, root, command_fn)
+            failed = {name: code for name, code in codes.items() if code != 0}
+        elif _MODE.value == "slurm":
+            commands, sbatch = sweep_lib.write_slurm(
+                sweep, root, command_fn, partition=_PARTITION.value, gpus_per_task=_GPUS_PER_TASK.value,
+                time_limit=_TIME.value, cpus_per_task=_CPUS_PER_TASK.value, max_parallel=_MAX_PARALLEL.value)
+            print(f"wrote {commands}")
+            print(f"submit: sbatch {sbatch}" if sbatch else "every run is finished: nothing to submit")
+    finally:  # the table reflects whatever finished, even after a failure or Ctrl-C
+        rows = sweep_lib.gather(sweep, root)
+        csv_path, json_path = sweep_lib.write_results(sweep, rows, root)
+    _print_table(rows)
+    print(f"wrote {csv_path} and {json_path}")
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed: {failed}; see {root}/logs/<run>.log, then rerun this "
+                 f"command to retry them")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -75,7 +75,8 @@ def test_workdir_without_checkpoints_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={tmp_path}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "analyze: error:" in proc.stderr and "holds no finished checkpoint" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --workdir=") and "holds no finished checkpoint" in last
     assert "Traceback" not in proc.stderr
 
 

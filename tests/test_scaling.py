@@ -123,4 +123,4 @@ def test_unusable_tables_are_one_clear_error(tmp_path):
         scaling.load_runs(str(tmp_path / "missing.csv"))
     proc = subprocess.run([sys.executable, "-m", "experiments.fit_scaling", f"--results={empty}"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.startswith("fit_scaling: error:") and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.optimize
 
+from gptjax.errors import UserError
+
 KAPLAN_ALPHA_N = 0.076  # Kaplan et al. 2020, L(N) exponent for non-embedding parameters
 KAPLAN_N_C = 8.8e13
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, App. D.2
@@ -30,7 +32,7 @@ CHINCHILLA_INIT_GRID = (np.arange(0.0, 2.01, 0.5), np.arange(0.0, 2.01, 0.5), np
 CI_PERCENTILES = (2.5, 97.5)
 
 
-class ScalingError(ValueError):
+class ScalingError(UserError, ValueError):
     """The results table cannot be fitted; the message names the file/column and what is missing."""
 
 

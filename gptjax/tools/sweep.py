@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from gptjax.cli import resolve_config_path
+from gptjax.errors import UserError
 
 SPEC_KEYS = ("base_config", "overrides", "axes", "combine")
 COMBINE_MODES = ("product", "zip")
@@ -47,7 +48,7 @@ DEFAULT_COMMAND = "{python} -m experiments.train --config={base_config} --workdi
 CommandFn = Callable[["Run", str], list[str]]
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file, its base config or a sweep root is unusable; the message names the file/field and the fix."""
 
 
