@@ -11,24 +11,44 @@ Saves are asynchronous: ``save`` returns once arrays are copied off the device; 
 background into ``<step>.orbax-checkpoint-tmp-*`` and renamed to ``<step>`` only when complete (an atomic
 rename on local/POSIX filesystems; a ``commit_success.txt`` marker on object stores). A process killed
 mid-save leaves only the tmp directory, which step listing ignores and the next start deletes.
+
+What can go wrong, and what the ``Checkpointer`` does then:
+- a save fails (disk full, permissions): a ``CheckpointError`` in one line naming the directory, the device and the
+  space needed and free; its unfinished directory is removed. Before each save the room is checked (a checkpoint
+  needs the size of the previous one, the first the state's size in memory), so a full disk stops the run before it
+  writes; a failure of the background write surfaces at the next ``check_for_errors`` (the loops call it once per
+  step) or on close.
+- the checkpoint to resume from is damaged (a truncated or deleted file, an emptied ``state/``): it is moved aside
+  to ``checkpoints/<step>.damaged-<UTC time>/`` (never deleted) with a one-line warning, and the newest older
+  intact one is restored instead. A checkpoint that reads fine but does not fit the run's state is no damage: that
+  is one error, and nothing is moved.
+- the run's wall time: each save records the seconds the run has taken so far (``wall_time``), and a restore hands
+  the value back as ``prior_wall_s``, so ``summary.json`` counts every segment of a resumed run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import gc
 import json
 import os
-from typing import Any, Mapping, Sequence
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from gptjax.errors import ConfigError
+from gptjax import paths
+from gptjax.errors import CheckpointError, ConfigError, UserError
 
 CKPT_DIR = "checkpoints"
 ITEMS = ("state", "data_iter", "config", "extras")
+WALL_TIME_KEY = "_wall_time_s"  # in ``extras``: the run's seconds up to this checkpoint, all segments together
+TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 # --- data-iterator state: one JSON file per process (orbax's JsonSave writes on the primary host only) ---
@@ -89,18 +109,28 @@ class Restored:
     data_state: Any
     config: dict
     extras: dict
+    step: int = -1  # the step restored (older than the one asked for when that one was damaged)
 
 
 class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` for ``WORKDIR/checkpoints``."""
+    """``ocp.CheckpointManager`` for ``WORKDIR/checkpoints``, with the checks of the module docstring.
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+    ``wall_time() -> seconds`` (optional): the run's time so far, recorded with each save."""
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+                 wall_time: Callable[[], float] | None = None):
+        self.path = paths.as_path(workdir) / CKPT_DIR
+        self.directory = str(self.path)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None, create=True,
             cleanup_tmp_directories=True,  # delete what a killed save left behind
             enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.path, options=options, item_names=ITEMS)
+        self._wall_time = wall_time
+        self.prior_wall_s = 0.0  # the run's seconds up to the restored checkpoint
+        self._pending: int | None = None  # the step of the last save started
+        self._failed = False
+        self._sizes: dict[int, int] = {}
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -109,32 +139,174 @@ class Checkpointer:
         return self.manager.all_steps()
 
     def save(self, step: int, state, *, data_state, config: Mapping, extras: Mapping | None = None) -> None:
+        """Starts writing checkpoint ``step`` (async) once the previous one is finished and the disk has room."""
+        try:
+            self.manager.wait_until_finished()  # orbax would wait too; a failure of the previous save surfaces here
+        except Exception as e:  # noqa: BLE001 — orbax raises what its background writer raised
+            raise self._save_failed(self._pending, e) from None
+        self._check_room(step, state)
+        extras = dict(extras or {})
+        if self._wall_time is not None:
+            extras[WALL_TIME_KEY] = round(float(self._wall_time()), 3)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data_iter=DataIterSave(data_state),
-                                  config=ocp.args.JsonSave(dict(config)), extras=ocp.args.JsonSave(dict(extras or {})))
-        self.manager.save(step, args=args, force=True)
+                                  config=ocp.args.JsonSave(dict(config)), extras=ocp.args.JsonSave(extras))
+        self._pending = step
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointError when a background save failed (without waiting for one in flight)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._pending, e) from None
 
     def restore(self, step: int, abstract_state) -> Restored:
-        """``abstract_state``: ShapeDtypeStructs carrying the target shardings (see state.abstract_state)."""
+        """Checkpoint ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying the target shardings, see
+        state.abstract_state). A damaged one is moved aside and the newest older one restored (``Restored.step``)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data_iter=DataIterRestore(),
                                   config=ocp.args.JsonRestore(), extras=ocp.args.JsonRestore())
-        r = self.manager.restore(step, args=args)
-        return Restored(r.state, r.data_iter, dict(r.config), dict(r.extras))
+        while True:
+            try:
+                with _quiet_abandoned_reads():
+                    r = self.manager.restore(step, args=args)
+                break
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 — orbax/tensorstore report a damaged file in many ways
+                step = self._set_aside_or_raise(step, abstract_state, e)
+        extras = dict(r.extras)
+        self.prior_wall_s = float(extras.pop(WALL_TIME_KEY, 0.0))
+        return Restored(r.state, r.data_iter, dict(r.config), extras, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if not self._failed:
+                raise self._save_failed(self._pending, e) from None
+        finally:
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+                self.manager.close()
+
+    # --- what goes wrong ---------------------------------------------------------------------------------------
+
+    def _size(self, step: int) -> int:
+        if step not in self._sizes:
+            self._sizes[step] = sum(os.path.getsize(os.path.join(d, f))
+                                    for d, _, files in os.walk(self.path / str(step)) for f in files)
+        return self._sizes[step]
+
+    def _need(self, state) -> tuple[int, str]:
+        """(bytes, how they were measured) another checkpoint needs: the size of the latest one on disk, or before
+        the first the state's size in memory."""
+        latest = self.latest_step()
+        if latest is not None:
+            return self._size(latest), f"the size of checkpoint {latest}"
+        return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)), "the size of the state"
+
+    def _check_room(self, step: int, state) -> None:
+        """A CheckpointError, before anything is written, when the disk cannot hold another checkpoint."""
+        if not paths.is_local(self.path):
+            return
+        (need, measure), space = self._need(state), paths.space_on(self.path)
+        if space is not None and space.free < need:
+            self._failed = True
+            latest = self.latest_step()
+            resume = f"resume from checkpoint {latest}" if latest is not None else "start it again"
+            raise CheckpointError(
+                f"no room for checkpoint {step} in {self.directory}: it needs about {paths.fmt_bytes(need)} "
+                f"({measure}) and {space.describe()}; the run stopped after step {step} without saving it. Free "
+                f"space there (or lower train.keep_ckpts), then run the same command to {resume}")
+
+    def _save_failed(self, step: int | None, error: BaseException) -> CheckpointError:
+        """The one-line error of a failed save of ``step``, after removing what it left unfinished."""
+        self._failed = True
+        for child in (self.path.iterdir() if self.path.exists() and jax.process_index() == 0 else ()):
+            if child.name.startswith(f"{step}{TMP_MARK}") or child.name.startswith(f"{step}.tmp"):
+                with contextlib.suppress(OSError):
+                    child.rmtree()
+        space = paths.space_on(self.path)
+        if "No space left" in str(error) or getattr(error, "errno", None) == 28:
+            latest = self.latest_step()
+            need = f"about {paths.fmt_bytes(self._size(latest))} (the size of checkpoint {latest})" \
+                if latest is not None else "more room"
+            reason = f"the disk is full: it needs {need} and {space.describe() if space else 'no room is left'}"
+        else:
+            reason = _first_line(error)
+        return CheckpointError(f"saving checkpoint {step} in {self.directory} failed ({reason}); the run stopped "
+                               f"and its unfinished files were removed. Fix that, then run the same command to "
+                               f"resume from checkpoint {self.latest_step()}")
+
+    def _set_aside_or_raise(self, step: int, abstract_state, error: BaseException) -> int:
+        """Moves damaged checkpoint ``step`` aside and returns the step to try next; raises when ``step`` is not
+        damaged (it does not fit the state) or no older checkpoint is left."""
+        reason = _first_line(error)
+        if not self._damaged(step, abstract_state):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit this run's state ({reason}); "
+                                  f"was the model or optimizer changed with --allow_config_change? Resume with the "
+                                  f"config it was written with, or use a new --workdir") from None
+        if jax.process_count() > 1:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged ({reason}); move it aside "
+                                  f"(mv {self.path / str(step)} {self.path / str(step)}.damaged) and run the same "
+                                  f"command to resume from the previous one") from None
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path / f"{step}.damaged-{stamp}"
+        (self.path / str(step)).rename(aside)
+        self.manager.reload()
+        older = [s for s in self.all_steps() if s < step]
+        if not older:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged ({reason}) and no older one is "
+                                  f"left; it was moved to {aside}. Run the same command again to start the run "
+                                  f"from the beginning") from None
+        logging.warning("checkpoint %d is damaged (%s): moved it to %s; resuming from checkpoint %d instead",
+                        step, reason, aside, max(older))
+        return max(older)
+
+    def _damaged(self, step: int, abstract_state) -> bool:
+        """True when the checkpoint's state metadata is unreadable or lists the same arrays as the state (so what
+        failed was reading them); False when it describes another state (a different model or optimizer)."""
+        try:
+            meta = ocp.PyTreeCheckpointHandler().metadata(self.path / str(step) / "state")
+        except Exception:  # noqa: BLE001
+            return True
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        saved = sorted(tuple(getattr(leaf, "shape", ())) for leaf in jax.tree.leaves(
+            tree, is_leaf=lambda x: hasattr(x, "shape")))
+        wanted = sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract_state))
+        return saved == wanted
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """A failed restore leaves orbax's other read coroutines unawaited; Python would print each as an "Exception
+    ignored" traceback when it is collected. Those are dropped (the failure itself is reported once)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if "coroutine" not in repr(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 def finished_steps(workdir: str) -> list[int]:
     """Steps of the finished checkpoints under WORKDIR/checkpoints (an interrupted save has no plain <step> dir)."""
-    directory = os.path.join(workdir, CKPT_DIR)
-    if not os.path.isdir(directory):
+    directory = paths.as_path(workdir) / CKPT_DIR
+    if not directory.is_dir():
         return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")))
+    return sorted(int(child.name) for child in directory.iterdir()
+                  if child.name.isdigit() and (child / "state").is_dir())
 
 
 # --- init_from: parameters of another run --------------------------------------------------------------------
@@ -158,10 +330,15 @@ def resolve_checkpoint_dir(path: str, field: str = "train.init_from") -> epath.P
                       f"{CKPT_DIR}/<step>/state, a {CKPT_DIR}/ directory, or a <step> directory holding state/)")
 
 
-def checkpoint_config(path: str) -> dict:
-    """The run config stored with the checkpoint at ``path`` (any form accepted by resolve_checkpoint_dir)."""
-    step_dir = resolve_checkpoint_dir(path)
-    return json.loads((step_dir / "config" / "metadata").read_text())
+def checkpoint_config(path: str, field: str = "train.init_from") -> dict:
+    """The run config stored with the checkpoint at ``path`` (any form accepted by resolve_checkpoint_dir);
+    ``field`` is how messages name ``path``."""
+    step_dir = resolve_checkpoint_dir(path, field)
+    try:
+        return json.loads((step_dir / "config" / "metadata").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{field}={path!r}: the checkpoint {step_dir} has no readable config "
+                              f"({_first_line(e)}); give another checkpoint of that run") from None
 
 
 def flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
@@ -184,18 +361,17 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return out
 
 
-def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), field: str = "train.init_from",
-                item_key: str = "params"):
-    """Parameters of the checkpoint at ``path`` for the leaves of ``abstract_params`` (ShapeDtypeStructs
-    with shardings; restored directly into those shardings and dtypes).
-
-    Leaves under a '/'-joined prefix in ``keep_fresh`` (e.g. ``"score"`` for a reward head on a pretrained
-    decoder) are not loaded and are absent from the result. Every other leaf must exist in the source with
-    the same shape; source leaves the target does not have are ignored (logged).
-    Returns a flat dict {path tuple: array}.
-    """
+def fitting_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), field: str = "train.init_from",
+                   item_key: str = "params") -> tuple[epath.Path, dict]:
+    """(step directory, {path tuple: ShapeDtypeStruct} to load) of the checkpoint at ``path`` for the leaves of
+    ``abstract_params``; one ConfigError when they do not fit. Reads metadata only: a run checks its ``init_from``
+    with it before it writes anything."""
     step_dir = resolve_checkpoint_dir(path, field)
-    meta = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{field}={path!r}: the checkpoint {step_dir} cannot be read ({_first_line(e)}); "
+                              f"give another checkpoint of that run (a step directory under checkpoints/)") from None
     tree = meta.tree if hasattr(meta, "tree") else meta
     if item_key not in tree:
         raise ConfigError(f"{field}: {step_dir}/state has no {item_key!r} (top-level keys {sorted(tree)})")
@@ -219,9 +395,32 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
     extra = sorted(name(k) for k in source if k not in target)
     if extra:
         logging.info("init_from: ignoring %d checkpoint params this model does not have: %s", len(extra), extra[:5])
+    return step_dir, wanted
+
+
+def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), field: str = "train.init_from",
+                item_key: str = "params"):
+    """Parameters of the checkpoint at ``path`` for the leaves of ``abstract_params`` (ShapeDtypeStructs
+    with shardings; restored directly into those shardings and dtypes).
+
+    Leaves under a '/'-joined prefix in ``keep_fresh`` (e.g. ``"score"`` for a reward head on a pretrained
+    decoder) are not loaded and are absent from the result. Every other leaf must exist in the source with
+    the same shape (``fitting_params``); source leaves the target does not have are ignored (logged).
+    Returns a flat dict {path tuple: array}.
+    """
+    step_dir, wanted = fitting_params(path, abstract_params, keep_fresh=keep_fresh, field=field, item_key=item_key)
     item = {item_key: unflatten(wanted)}
-    restored = ocp.PyTreeCheckpointer().restore(
-        step_dir / "state", args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    try:
+        with _quiet_abandoned_reads():
+            restored = ocp.PyTreeCheckpointer().restore(
+                step_dir / "state", args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    except Exception as e:  # noqa: BLE001 — a truncated or deleted file
+        raise CheckpointError(f"{field}={path!r}: the checkpoint {step_dir} is damaged ({_first_line(e)}); give "
+                              f"another checkpoint of that run (a step directory under checkpoints/)") from None
     logging.info("init_from: loaded %d parameter arrays from %s", len(wanted), step_dir)
     return flatten(restored[item_key])
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]

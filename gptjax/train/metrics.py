@@ -6,7 +6,11 @@ TensorBoard files are written with the ``tensorboard`` package alone (its EventF
 
 On resume from step S, records of steps after S (written by the interrupted run and about to be redone)
 are dropped from ``metrics.jsonl`` and a TensorBoard ``SessionLog.START`` at S+1 makes TensorBoard discard
-them too, so both show one consistent history.
+them too, so both show one consistent history. The writer touches nothing until its first record: a start that
+writes none (a re-run of a finished run) leaves both as they were.
+
+Files go through ``gptjax.paths`` (local or ``gs://``; TensorBoard's own file layer reaches object stores through
+fsspec). An object store cannot append: there ``metrics.jsonl`` is rewritten whole with each record.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import datetime
 import json
 import logging as std_logging
 import math
-import os
 import time
 from typing import Mapping
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from gptjax import paths
 
 METRICS_FILE = "metrics.jsonl"
 # Libraries whose INFO records (orbax logs every file of every save) would bury the progress lines.
@@ -48,32 +53,56 @@ def read_metrics(workdir: str) -> list[dict]:
 
     A last line without its newline is the record a killed process was writing: it is skipped.
     """
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = paths.as_path(workdir) / METRICS_FILE
+    if not path.exists():
         return []
-    with open(path) as f:
+    with path.open() as f:
         return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
+class _JsonLines:
+    """metrics.jsonl open for appending: a local file, or (object store) the lines kept and written whole."""
+
+    def __init__(self, path, kept: list[dict]):
+        self._path = path
+        self._lines = None if paths.is_local(path) else [json.dumps(r) + "\n" for r in kept]
+        self._file = path.open("a") if self._lines is None else None
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class MetricsWriter:
-    """Writes scalars/text to TensorBoard and scalars to metrics.jsonl. Only the primary process writes."""
+    """Writes scalars/text to TensorBoard and scalars to metrics.jsonl. Only the primary process writes, and
+    nothing before the first record."""
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
-        self._enabled = enabled
-        if not enabled:
+        self._enabled, self._opened = enabled, False
+        self._dir, self._resume_step = paths.as_path(workdir), resume_step
+
+    def _open(self) -> None:
+        if self._opened:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl_path = os.path.join(workdir, METRICS_FILE)
-        if resume_step > 0 and os.path.exists(self._jsonl_path):
-            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
-            tmp = self._jsonl_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self._jsonl_path)
-        elif resume_step == 0 and os.path.exists(self._jsonl_path):
-            os.remove(self._jsonl_path)  # a fresh run (no checkpoint): stale records of an aborted first attempt
-        self._jsonl = open(self._jsonl_path, "a")
-        self._tb = EventFileWriter(os.path.join(workdir, TB_DIR), flush_secs=30)
+        self._opened = True
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path, resume_step = self._dir / METRICS_FILE, self._resume_step
+        kept = []
+        if resume_step > 0 and path.exists():
+            kept = [r for r in read_metrics(self._dir) if r.get("step", 0) <= resume_step]
+            paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step == 0 and path.exists():
+            path.unlink()  # a fresh run (no checkpoint): stale records of an aborted first attempt
+        self._jsonl = _JsonLines(path, kept)
+        self._tb = EventFileWriter(str(self._dir / TB_DIR), flush_secs=30)
         start = event_pb2.Event(wall_time=time.time(), step=resume_step + 1,
                                 session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
         self._tb.add_event(start)
@@ -81,9 +110,9 @@ class MetricsWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self._enabled:
             return
+        self._open()
         clean = {k: _to_float(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self._jsonl.flush()
         values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items() if v is not None]
         self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                            summary=summary_pb2.Summary(value=values)))
@@ -92,6 +121,7 @@ class MetricsWriter:
         """Text summaries (TensorBoard's text plugin), e.g. sample generations."""
         if not self._enabled:
             return
+        self._open()
         values = []
         for tag, text in texts.items():
             tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
@@ -102,15 +132,14 @@ class MetricsWriter:
                                            summary=summary_pb2.Summary(value=values)))
 
     def flush(self) -> None:
-        if self._enabled:
-            self._jsonl.flush()
+        if self._enabled and self._opened:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._enabled:
+        if self._enabled and self._opened:
             self._jsonl.close()
             self._tb.close()
-            self._enabled = False
+        self._enabled = False
 
 
 def _to_float(v) -> float | None:
