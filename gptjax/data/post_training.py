@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.data import chat, hosts
-from gptjax.errors import DataFormatError
+from gptjax.errors import DataError, DataFormatError
 
 MAX_RANKED = 9  # InstructGPT ranks K = 4..9 outputs per prompt; 2 is the pairwise minimum
 MIN_RANKED = 2
@@ -220,9 +220,11 @@ class BatchIterator:
 
     def __init__(self, make_epoch: Callable[[int], dict[str, np.ndarray]], empty_row: dict[str, np.ndarray],
                  batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None):
+                 drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None,
+                 source: Source = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"the batch size must be >= 1, got {batch_size} (train.batch_size)")
+        self._source = source
         process_index, _, local = hosts.local_rows(batch_size, process_index, process_count)
         self._rows = slice(process_index * local, (process_index + 1) * local)
         self._make_epoch, self._empty_row = make_epoch, empty_row
@@ -240,6 +242,19 @@ class BatchIterator:
                 examples = {k: v[order] for k, v in examples.items()}
             self._cache = (epoch, examples)
         return self._cache[1]
+
+    def validate(self) -> None:
+        """Builds the current epoch now, so data too small for one batch is an error before training starts."""
+        examples = self._epoch_examples(self._epoch)
+        n = len(next(iter(examples.values())))
+        if n < self.batch_size and self.drop_remainder:
+            self._too_small(n)
+
+    def _too_small(self, n: int) -> None:
+        where = self._source if isinstance(self._source, (str, os.PathLike)) else "the data"
+        raise DataError(f"{where}: an epoch makes {n} rows (examples, or packed conversations), fewer than one "
+                        f"batch of {self.batch_size}; lower train.batch_size (a batch here is train.batch_size / "
+                        f"optim.grad_accum_steps rows) or give more data")
 
     def batches_per_epoch(self) -> int:
         """Batches in the current epoch (SFT repacks each epoch, so this may vary by a batch or so)."""
@@ -265,8 +280,7 @@ class BatchIterator:
             if start + (self.batch_size if self.drop_remainder else 1) <= n:
                 break
             if n < self.batch_size and self.drop_remainder:
-                raise ValueError(f"an epoch has {n} examples < batch_size {self.batch_size}; lower the batch "
-                                 "size or pass drop_remainder=False")
+                self._too_small(n)
             self._epoch, self._batch_index = self._epoch + 1, 0
         batch = {k: v[start:start + self.batch_size] for k, v in examples.items()}
         short = self.batch_size - len(next(iter(batch.values())))
@@ -296,7 +310,8 @@ def sft_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, see
              "positions": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32),
              "weights": np.zeros(seq_len, np.float32)}
     return BatchIterator(make_epoch, empty, batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                         drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+                         drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
+                         source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +370,7 @@ def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *,
              "num_ranked": np.zeros((), np.int32)}
     return BatchIterator(lambda epoch: examples, empty, batch_size, seed=seed, shuffle=shuffle,
                          num_epochs=num_epochs, drop_remainder=drop_remainder, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ checkpoint, so a researcher only names the run to continue from (``resolve_from_
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -66,7 +65,7 @@ def resolve_from_init(cfg, path: str | None = None, field: str = "train.init_fro
     path = path or cfg.train.init_from
     if not path:
         raise ConfigError(f"model.preset / tokenizer.kind = {FROM_INIT!r} needs {field} (the run to continue)")
-    source = ckpt_lib.checkpoint_config(path)
+    source = ckpt_lib.checkpoint_config(path, field)
     model_cfg = model_cfg.copy_and_resolve_references()
     tok_cfg = tok_cfg.copy_and_resolve_references()
     with model_cfg.unlocked(), tok_cfg.unlocked():
@@ -102,21 +101,25 @@ def build_for_training(cfg, model_class, *, train_data: str = "") -> tuple[Token
     return tokenizer, model, mesh, micro
 
 
-def held_out_batches(batches_fn: Callable, cfg, tokenizer: Tokenizer, micro: int, **kwargs) -> Callable | None:
-    """A factory of evaluation iterators over ``data.eval_path`` (None without one): ``batches_fn`` (a
-    post-training reader) in file order, one pass, the last batch kept; ``train.eval_batch_size`` rows, else
-    ``micro``."""
+def held_out_batches(batches_fn: Callable, cfg, tokenizer: Tokenizer, micro: int, **kwargs):
+    """The evaluation iterator over ``data.eval_path`` (None without one): ``batches_fn`` (a post-training reader)
+    in file order, one pass, the last batch kept; ``train.eval_batch_size`` rows, else ``micro``. The file is read
+    now (a bad one is an error before training starts); the trainer rewinds the iterator for each evaluation."""
     if not cfg.data.eval_path:
         return None
     eval_batch = int(cfg.train.eval_batch_size) or micro
-    return functools.partial(batches_fn, cfg.data.eval_path, tokenizer, int(cfg.train.seq_len), eval_batch,
-                             shuffle=False, num_epochs=1, drop_remainder=False, **kwargs)
+    return batches_fn(cfg.data.eval_path, tokenizer, int(cfg.train.seq_len), eval_batch, shuffle=False,
+                      num_epochs=1, drop_remainder=False, **kwargs)
 
 
 def micro_batch(cfg, mesh) -> int:
     """Rows per accumulation microbatch (``train.batch_size / optim.grad_accum_steps``), checked against the
     mesh."""
     t = cfg.train
+    for name, value in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
+                        ("optim.grad_accum_steps", cfg.optim.grad_accum_steps)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
     if t.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps="
                           f"{cfg.optim.grad_accum_steps}")
@@ -183,9 +186,10 @@ def eval_loss(loss_fn, params, batches, max_batches: int) -> dict:
     return {"loss": loss_sum / weight, "accuracy": accuracy_sum / weight, "num_tokens": weight, "num_batches": n}
 
 
-def stored_config(path: str) -> ml_collections.ConfigDict:
-    """The config stored with the checkpoint at ``path`` (a run, its checkpoints/ or a step directory)."""
-    return ml_collections.ConfigDict(ckpt_lib.checkpoint_config(path))
+def stored_config(path: str, field: str = "train.init_from") -> ml_collections.ConfigDict:
+    """The config stored with the checkpoint at ``path`` (a run, its checkpoints/ or a step directory); ``field``
+    is how messages name ``path``."""
+    return ml_collections.ConfigDict(ckpt_lib.checkpoint_config(path, field))
 
 
 def load_full_params(path: str, abstract_params, field: str, item_key: str = "params") -> dict:

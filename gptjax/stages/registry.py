@@ -172,10 +172,10 @@ def policy_component(stored: ml_collections.ConfigDict, tokenizer: Tokenizer, wh
 
 def load_policy(workdir: str, mesh=None) -> tuple[nn.Module, dict, Tokenizer, str]:
     """(model, params, tokenizer, stage name) of the policy a run ended with (dropout off)."""
-    stored = common.stored_config(workdir)
+    stored = common.stored_config(workdir, "--workdir")
     tokenizer = common.build_tokenizer(stored.tokenizer)
     policy = policy_component(stored, tokenizer, workdir)
     mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
-    params = common.load_full_params(workdir, common.abstract_params_of(policy.model, mesh), workdir,
+    params = common.load_full_params(workdir, common.abstract_params_of(policy.model, mesh), "--workdir",
                                      policy.item_key)
     return policy.model, params, tokenizer, stage_of(stored).name

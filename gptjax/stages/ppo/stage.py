@@ -33,7 +33,7 @@ def prompt_len(stored) -> int:
 
 def _reward_model(reward_from: str, tokenizer, seq_len: int) -> ScoreModel:
     """The reward model's own architecture (it may differ from the policy's), as its run stored it; dropout off."""
-    model_cfg, _ = common.resolve_from_init(common.stored_config(reward_from))
+    model_cfg, _ = common.resolve_from_init(common.stored_config(reward_from, "ppo_init.reward_from"))
     return ScoreModel(common.no_dropout(common.build_model_config(model_cfg, tokenizer, seq_len)))
 
 
@@ -48,13 +48,7 @@ def run(cfg, workdir: str, eval_fn: Callable | None = None) -> ppo_loop.PPOResul
     tokenizer = common.build_tokenizer(cfg.tokenizer)
     gpt_cfg = common.build_model_config(cfg.model, tokenizer, prompt_len(cfg))
     policy_model = GPT(common.no_dropout(gpt_cfg))  # dropout off in RL
-    reward_model = _reward_model(cfg.ppo_init.reward_from, tokenizer, prompt_len(cfg))
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    policy_params = common.load_full_params(t.init_from, common.abstract_params_of(policy_model, mesh),
-                                            "train.init_from")
-    reward_abstract = common.abstract_params_of(reward_model, mesh)
-    reward_params = load_reward_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
-    value_params = common.load_full_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
+    # The cheap checks first: prompts and lengths before any parameters are read.
     if not cfg.data.prompts_path:
         raise ConfigError("data.prompts_path: give the PPO prompts (JSONL, one {\"prompt\": ...} per line)")
     prompts = post_training.prompt_examples(cfg.data.prompts_path, tokenizer, prompt_len(cfg))
@@ -62,6 +56,13 @@ def run(cfg, workdir: str, eval_fn: Callable | None = None) -> ppo_loop.PPOResul
         raise ConfigError(f"sampling.max_prompt_len + sampling.max_new_tokens = "
                           f"{prompt_len(cfg) + int(cfg.sampling.max_new_tokens)} exceeds the "
                           f"context model.max_len={gpt_cfg.max_len}")
+    reward_model = _reward_model(cfg.ppo_init.reward_from, tokenizer, prompt_len(cfg))
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    policy_params = common.load_full_params(t.init_from, common.abstract_params_of(policy_model, mesh),
+                                            "train.init_from")
+    reward_abstract = common.abstract_params_of(reward_model, mesh)
+    reward_params = load_reward_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
+    value_params = common.load_full_params(cfg.ppo_init.reward_from, reward_abstract, "ppo_init.reward_from")
     ptx_iter = None
     if cfg.ppo.ptx_coef > 0:
         ptx_iter = make_lm_iterator(cfg.ptx, tokenizer, split="train", global_batch_size=int(cfg.ppo.minibatch_size),

@@ -78,6 +78,8 @@ def analyze(workdir: str, opts: Options = Options()) -> dict:
     run.step_dir(step)  # validates the step
     if opts.answers_file:
         post_training.read_answers(opts.answers_file)  # a bad file fails before any model work
+    if opts.compare:
+        ckpt_lib.resolve_checkpoint_dir(opts.compare, "--compare")  # so does a --compare that is no checkpoint
     earlier = [s for s in run.steps if s < step]
     result: dict[str, Any] = {"workdir": run.workdir, "stage": run.stage, "step": step, "steps": run.steps,
                               "model": {c.name: {"class": type(c.model).__name__,

@@ -59,7 +59,7 @@ def open_run(workdir: str, mesh=None) -> Run:
         raise ConfigError(f"--workdir={workdir!r} holds no finished checkpoint (expected "
                           f"{os.path.join(workdir, ckpt_lib.CKPT_DIR)}/<step>/state); give the workdir of a training "
                           f"run that saved at least one checkpoint")
-    stored = common.stored_config(os.path.join(workdir, ckpt_lib.CKPT_DIR, str(steps[-1])))
+    stored = common.stored_config(os.path.join(workdir, ckpt_lib.CKPT_DIR, str(steps[-1])), "--workdir")
     name = registry.stage_name(stored)
     if name not in registry.names():
         raise ConfigError(f"{workdir}: the stored config's stage={name!r} is unknown; valid stages: "
