@@ -1,9 +1,9 @@
 """The stage registry: one ``Stage`` record per stage, and the one place every caller looks a stage up.
 
 A stage is what turns a config into a trained run (``run``), what its checkpoints hold (``components``) and how
-the tools exercise it. Each stage module builds its record and calls ``register`` when imported; the built-in
-stages (pretrain, sft, reward, ppo) are imported on the first lookup. A new stage is one module (its objective,
-data and runner) ending in ``register(Stage(...))``; no caller changes.
+the tools exercise it. Each stage module builds its record and calls ``register`` when imported; a built-in stage
+(pretrain, sft, reward, ppo) is imported when it is first asked for, all of them when the list is. A new stage is
+one module (its objective, data and runner) ending in ``register(Stage(...))``; no caller changes.
 
 Who asks what:
 
@@ -106,16 +106,23 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
+def _load_builtin(name: str) -> None:
+    """Imports built-in stage ``name`` once; an ImportError is kept and raised when the stage is asked for."""
+    if name in _STAGES or name in _UNAVAILABLE:
+        return
+    try:
+        importlib.import_module(BUILTIN[name])
+    except ImportError as e:
+        _UNAVAILABLE[name] = e
+
+
 def _load_builtins() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for name, module in BUILTIN.items():
-        try:
-            importlib.import_module(module)
-        except ImportError as e:  # reported when the stage is asked for
-            _UNAVAILABLE[name] = e
+    for name in BUILTIN:
+        _load_builtin(name)
 
 
 def names() -> list[str]:
@@ -130,8 +137,12 @@ def stages() -> list[Stage]:
 
 
 def get(name: str) -> Stage:
-    """The stage called ``name``; one ConfigError listing the valid names when there is none."""
-    _load_builtins()
+    """The stage called ``name``; one ConfigError listing the valid names when there is none. A built-in stage is
+    imported alone (a pretraining run does not import the RL libraries)."""
+    if name in BUILTIN:
+        _load_builtin(name)
+    else:
+        _load_builtins()
     if name in _UNAVAILABLE:
         raise _UNAVAILABLE[name]
     if name not in _STAGES:
