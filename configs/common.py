@@ -89,6 +89,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.init_from = ""  # start from the params of another run: its workdir, checkpoints/ dir or a step dir
     t.init_from_fresh = ()  # '/'-joined param prefixes NOT taken from init_from (e.g. ("score",))
     t.allow_config_change = False  # resume a workdir whose stored config differs (else refused)
+    t.wait_for_lock = False  # another process holds the workdir's lock: wait for it (else refused)
     t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = from gptjax.flops.PEAK_FLOPS (n/a on CPU)
     return t
 

@@ -10,7 +10,7 @@ mean and per-seed values are written to WORKDIR/summary.md and WORKDIR/summary.j
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags
 
 from gptjax import cli
 from gptjax.seed_world import pipeline, tables
@@ -19,6 +19,8 @@ from gptjax.train import metrics as metrics_lib
 _CONFIG = cli.define_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Run these seeds (default: config.seed).")
+_WAIT_FOR_LOCK = flags.DEFINE_bool("wait_for_lock", False, "When another process runs in a stage's workdir, wait "
+                                   "for it to finish instead of refusing.")
 
 
 def main(argv):
@@ -30,6 +32,8 @@ def main(argv):
     for seed in seeds:
         seed_cfg = cfg.copy_and_resolve_references()
         seed_cfg.seed = seed
+        for name in pipeline.STAGE_NAMES:
+            seed_cfg[name].train.wait_for_lock = _WAIT_FOR_LOCK.value
         workdir = _WORKDIR.value if len(seeds) == 1 else os.path.join(_WORKDIR.value, f"seed{seed}")
         results = pipeline.run_pipeline(seed_cfg, workdir)
         print(f"\n=== seed {seed} ({results['timings_s']['total']:.0f} s) ===")
@@ -47,7 +51,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``gptjax-chatgpt``)."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

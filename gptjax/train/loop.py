@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gptjax import flops as flops_lib
 from gptjax import sharding as sharding_lib
-from gptjax.errors import ConfigError
+from gptjax.errors import ConfigError, UserError
 from gptjax.model import GPTConfig, count_params
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
@@ -57,7 +57,7 @@ def mesh_context(mesh):
     return sharding_lib.activate(mesh)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
 
 
@@ -359,7 +359,7 @@ def _restore_or_init(ckpt: ckpt_lib.Checkpointer, t, setup: _Setup, *, mesh, tra
         for name, (_, set_fn) in extra_ckpt_items.items():
             if name in restored.extras:
                 set_fn(restored.extras[name])
-        logging.info("resumed from %s/%d", ckpt.directory, latest)
+        logging.info("resumed from %s/%d", ckpt.directory, restored.step)
         return restored.state
     state = state_lib.create_sharded_state(setup.init_params_fn, setup.tx, setup.shardings, mesh, setup.rng)
     if t.init_from:
@@ -423,9 +423,10 @@ class _Trainer:
                 self.state, step_metrics = self.train_step(self.state, batch, np.int32(num_micro))
             step = step_index + 1
             reporter.add(step, step_metrics, num_micro * setup.micro * int(t.seq_len))
-            evaluating = self.evaluator is not None and self._due(t.eval_every, step)
-            sampling = self.sample_fn is not None and self._due(t.sample_every, step)
-            saving = step % int(t.ckpt_every) == 0 or step == self.steps
+            stopping = self.run.should_stop(step)  # SIGINT/SIGTERM: save this step, then stop
+            evaluating = self.evaluator is not None and self._due(t.eval_every, step) and not stopping
+            sampling = self.sample_fn is not None and self._due(t.sample_every, step) and not stopping
+            saving = step % int(t.ckpt_every) == 0 or step == self.steps or stopping
             if evaluating or sampling or saving:
                 reporter.settle()  # each of them waits for this step: first time the steps before it
             if evaluating:
@@ -434,6 +435,9 @@ class _Trainer:
                 self.samples(step)
             if saving:
                 self.save(step, data_state)  # data_state: the iterator right after this step's batch
+            if stopping:
+                reporter.finish()  # the steps so far reach metrics.jsonl
+                self.run.stop(step)
         reporter.finish()
         if step < self.steps:
             logging.warning("the training data ran out after step %d of %d", step, self.steps)

@@ -6,6 +6,9 @@ can change the run's results is refused with one error listing the differing fie
 reshards onto any mesh — and the override switch itself) may change freely. ``train.allow_config_change``
 (``--allow_config_change`` on the binary) accepts the change: the previous config is kept as
 ``config.<UTC time>.json`` and the new one becomes ``config.json``.
+
+``check_usable`` refuses, before anything is written, a workdir that cannot hold a run: a file, or a local
+directory this process cannot write. Paths go through ``gptjax.paths`` (local or ``gs://``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import json
 import os
 from typing import Any, Mapping
 
-from gptjax.errors import ConfigError
+from gptjax import paths
+from gptjax.errors import ConfigError, WorkdirError
 
 CONFIG_FILE = "config.json"
 
@@ -30,6 +34,7 @@ RESTART_SAFE_FIELDS = (
     "train.sample_max_new_tokens",
     "train.peak_flops",
     "train.allow_config_change",
+    "train.wait_for_lock",
     "mesh.shape",
 )
 
@@ -72,18 +77,39 @@ def config_diff(stored: Mapping, new: Mapping, ignore=RESTART_SAFE_FIELDS) -> li
     return diffs
 
 
-def check_or_write_config(workdir: str, cfg, *, allow_change: bool = False, write: bool = True) -> None:
+def check_usable(workdir) -> None:
+    """A WorkdirError when ``workdir`` cannot hold a run: it is a file, or (local) it or the directory it would be
+    made in cannot be written. Touches nothing."""
+    if not paths.is_local(workdir):
+        return
+    path = os.fspath(paths.as_path(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"--workdir {path} is a file, not a directory; give a directory (a new one, or the "
+                           f"workdir of a run to resume)")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"--workdir {path}: {existing} is a file, not a directory; give another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if readonly else "is not writable by this user"
+        raise WorkdirError(f"--workdir {path}: {existing} {why}; choose a writable --workdir"
+                           + ("" if existing == path else f" (or make {existing} writable)"))
+
+
+def check_or_write_config(workdir, cfg, *, allow_change: bool = False, write: bool = True) -> None:
     """Refuse a workdir holding another config; otherwise record ``cfg`` there.
 
     Nothing in ``workdir`` is created or modified before the check passes. ``write=False`` (non-primary
     processes) only checks.
     """
     new = config_to_dict(cfg)
-    path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path):
+    workdir = paths.as_path(workdir)
+    path = workdir / CONFIG_FILE
+    if path.exists():
         try:
-            with open(path) as f:
-                stored = json.load(f)
+            stored = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigMismatchError(f"{path} is unreadable ({e}); it is not a config written by this trainer. "
                                       f"Use a new --workdir.") from None
@@ -100,22 +126,18 @@ def check_or_write_config(workdir: str, cfg, *, allow_change: bool = False, writ
             return
         if write:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+            path.replace(workdir / f"config.{stamp}.json")
             _write_json(path, new)
         return
-    foreign = [n for n in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))]
+    foreign = [n for n in ("checkpoints", "metrics.jsonl") if (workdir / n).exists()]
     if foreign:
         raise ConfigMismatchError(f"workdir {workdir} holds {foreign} but no {CONFIG_FILE}: it was not written by "
                                   f"this trainer (or its config was deleted). Nothing was changed; use a new "
                                   f"--workdir.")
     if write:
-        os.makedirs(workdir, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         _write_json(path, new)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path, obj) -> None:
+    paths.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -208,9 +208,12 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
                              seconds)
             if step % t.log_every == 0 or step == t.steps:
                 _log_progress(step, t.steps, metrics, clock.eta(step, seconds))
-            if step % t.ckpt_every == 0 or step == t.steps:
+            stopping = run.should_stop(step)  # SIGINT/SIGTERM: save this iteration, then stop
+            if stopping or step % t.ckpt_every == 0 or step == t.steps:
                 run.ckpt.save(step, state, data_state=None if ptx_iter is None else ptx_iter.get_state(),
                               config=workdir_lib.config_to_dict(cfg))
+            if stopping:
+                run.stop(step)
     return PPOResult(step=int(state.step), metrics=metrics, state=state, workdir=run.workdir)
 
 
