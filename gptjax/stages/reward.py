@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import flops
+from gptjax import flops, paths
 from gptjax.data import batches, chat, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
@@ -188,23 +187,25 @@ def score_answers(model: ScoreModel, params, tokenizer: Tokenizer, path: str) ->
             for (w, c, r), s in zip(answers, scores)]
 
 
+def _bias_record(workdir: str) -> dict | None:
+    path = paths.as_path(workdir) / REWARD_BIAS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def fitted_bias(workdir: str, step: int) -> float | None:
     """The demonstration-centring shift fitted after RM training, if it was fitted on this step's params."""
-    path = os.path.join(workdir, REWARD_BIAS_FILE)
-    if not os.path.exists(path):
+    record = _bias_record(workdir)
+    if record is None:
         return None
-    with open(path) as f:
-        record = json.load(f)
     return float(record["shift"]) if int(record.get("step", step)) == step else None
 
 
 def load_reward_params(path: str, abstract_params, field: str) -> dict:
     """Reward-model params of the run at ``path`` with its demonstration-centring bias applied (if fitted)."""
     params = common.load_full_params(path, abstract_params, field)
-    bias_file = os.path.join(path, REWARD_BIAS_FILE)
-    if os.path.exists(bias_file):
-        with open(bias_file) as f:
-            params = shift_reward_bias(params, json.load(f)["shift"])
+    record = _bias_record(path)
+    if record is not None:
+        params = shift_reward_bias(params, record["shift"])
     return params
 
 
@@ -214,10 +215,10 @@ def objective(cfg, model: ScoreModel):
     return functools.partial(reward_loss, model=model)
 
 
-def demonstration_rows(path: str, tokenizer: Tokenizer, seq_len: int, batch_size: int):
+def demonstration_rows(path: str, tokenizer: Tokenizer, seq_len: int, batch_size: int, rendered=None):
     """(tokens, valid) batches of whole conversations, one per row, right-padded: the RM bias's reference set
-    (``batches.DEMONSTRATION_ROWS``)."""
-    rendered = post_training.render_sft(path, tokenizer, seq_len)
+    (``batches.DEMONSTRATION_ROWS``). ``rendered``: ``post_training.render_sft`` of ``path``, if done already."""
+    rendered = rendered if rendered is not None else post_training.render_sft(path, tokenizer, seq_len)
     for i in range(0, len(rendered), batch_size):
         chunk = rendered[i:i + batch_size]
         tokens = np.full((len(chunk), seq_len), tokenizer.pad_id, np.int32)
@@ -237,17 +238,20 @@ def run(cfg, workdir: str) -> loop.TrainResult:
     train_iter = post_training.ranking_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro,
                                                seed=int(t.seed), num_slots=slots)
     eval_iter = common.held_out_batches(post_training.ranking_batches, cfg, tokenizer, micro, num_slots=slots)
+    # Scored at the model's whole context, not the training rows' length: a demonstration (a system turn and a long
+    # answer, say) may outgrow the rankings' rows. Read before training, so a bad file is an error before it starts.
+    demos = cfg.data.demos_path and post_training.render_sft(cfg.data.demos_path, tokenizer, model.cfg.max_len)
     result = loop.run_training(cfg, workdir, model=model, loss_fn=objective(cfg, model), train_iter=train_iter,
                                eval_iter=eval_iter, mesh=mesh, loss_is_token_nll=False)
-    if cfg.data.demos_path:
+    record = _bias_record(workdir)
+    done = record is not None and (record.get("step"), record.get("demos")) == (result.step, cfg.data.demos_path)
+    if cfg.data.demos_path and not done:  # a re-run of a finished run finds its bias fitted already
         params = jax.device_get(result.state.params)
-        # Scored at the model's whole context, not the training rows' length: a demonstration (a system turn and a
-        # long answer, say) may outgrow the rankings' rows, and this one-off inference pass costs little.
-        demos = demonstration_rows(cfg.data.demos_path, tokenizer, model.cfg.max_len, micro)
-        _, shift = fit_reward_bias(params, demos, model=model)
+        rows = demonstration_rows(cfg.data.demos_path, tokenizer, model.cfg.max_len, micro, rendered=demos)
+        _, shift = fit_reward_bias(params, rows, model=model)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, REWARD_BIAS_FILE), "w") as f:
-                json.dump({"shift": shift, "demos": cfg.data.demos_path, "step": result.step}, f, indent=2)
+            paths.write_text_atomic(paths.as_path(workdir) / REWARD_BIAS_FILE, json.dumps(
+                {"shift": shift, "demos": cfg.data.demos_path, "step": result.step}, indent=2))
     return result
 
 

@@ -24,6 +24,7 @@ a model, an objective and data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -69,6 +70,7 @@ class TrainResult:
     samples: list[str]  # last sample generations (empty without sample_fn)
     workdir: str
     state: Any = None  # the final TrainState (sharded on the mesh)
+    summary: dict | None = None  # summary.json, when the run had already finished (a re-run changed nothing)
 
 
 # --- the jitted steps -------------------------------------------------------------------------------------------
@@ -469,9 +471,14 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
     """
     t = cfg.train
     run = run_lib.RunContext(cfg, workdir)  # a workdir of another config is refused before anything is touched
-    # The config is validated (no allocation) before it is recorded, so a bad one never claims the workdir.
+    # The config, init_from and data are validated (no allocation) before anything is recorded, so a bad run never
+    # claims the workdir.
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(tuple(cfg.mesh.shape))
     setup = _setup(cfg, model, mesh, init_params_fn)
+    if t.init_from and not ckpt_lib.finished_steps(run.workdir):
+        ckpt_lib.fitting_params(t.init_from, setup.abstract.params, keep_fresh=tuple(t.init_from_fresh))
+    if hasattr(train_iter, "validate"):
+        train_iter.validate()  # e.g. an epoch of fewer rows than one batch
     extra_ckpt_items = dict(extra_ckpt_items or {})
     if flops_per_token is None and isinstance(getattr(model, "cfg", None), GPTConfig):
         flops_per_token = flops_lib.flops_per_token(model.cfg, t.seq_len)
@@ -480,6 +487,9 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
         state = _restore_or_init(run.ckpt, t, setup, mesh=mesh, train_iter=train_iter,
                                  extra_ckpt_items=extra_ckpt_items)
         start_step = int(jax.device_get(state.step))
+        summary = run.finished_summary(start_step, int(t.steps))
+        if summary is not None:  # a re-run of a finished run: report it, write nothing
+            return _finished_result(run, start_step, state, summary)
         if run.primary:
             run.write_run_info(_run_info(cfg, model, mesh, start_step))
         writer = run.open_metrics(start_step)
@@ -493,6 +503,19 @@ def run_training(cfg, workdir: str, *, model: nn.Module, loss_fn: LossFn, train_
             run.write_summary(_summary(run.workdir, model, t, step, setup, flops_per_token, run.elapsed()))
         return TrainResult(step=step, train_metrics=reporter.last, eval_metrics=trainer.eval_result,
                            samples=trainer.sample_texts, workdir=run.workdir, state=trainer.state)
+
+
+def _finished_result(run: run_lib.RunContext, step: int, state, summary: Mapping[str, Any]) -> TrainResult:
+    """The result of a run that had already finished: its last records of ``metrics.jsonl``."""
+    logging.info("%s holds a finished run (step %d): nothing to do; its summary: %s", run.workdir, step,
+                 json.dumps(summary))
+    records = metrics_lib.read_metrics(run.workdir)
+    last = {}
+    for prefix in ("train/", "eval/"):
+        found = [r for r in records if any(k.startswith(prefix) for k in r)]
+        last[prefix] = {k: v for k, v in found[-1].items() if k != "step"} if found else {}
+    return TrainResult(step=step, train_metrics=last["train/"], eval_metrics=last["eval/"], samples=[],
+                       workdir=run.workdir, state=state, summary=dict(summary))
 
 
 def _summary(workdir: str, model, t, step: int, setup: _Setup, flops_per_token, wall_s: float) -> dict[str, Any]:
