@@ -7,7 +7,6 @@ dropout on, so the restored rng and data-iterator state matter). A workdir of an
 one error and left byte-for-byte unchanged; an unknown config field is one error line.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -15,37 +14,27 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from gptjax.train import workdir as workdir_lib
 from gptjax.train.metrics import read_metrics
+import run_helpers
+from run_helpers import (REPO, assert_same_params, final_params, finished_steps, tmp_dirs, tree_digest,
+                         write_corpus)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 24, 6
-WORDS = ("the quick brown fox jumps over a lazy dog while seven cats sat on warm mats near old trees and "
-         "birds sang songs of rain").split()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for f in range(2):
-        paragraphs = [" ".join(rng.choice(WORDS, rng.integers(20, 60))) for _ in range(40)]
-        (corpus / f"doc{f}.txt").write_text("\n\n".join(paragraphs) + "\n")
+    corpus = write_corpus(root)
     args = ["--config=configs/pretrain.py:tiny-bytes", f"--config.data.paths={corpus}",
             "--config.data.split_paragraphs=True", f"--config.data.data_dir={root / 'tfds'}",
             "--config.data.val_fraction=0", "--config.train.sample_prompts=()", "--config.train.log_every=1",
             f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}", "--config.train.keep_ckpts=2",
             "--config.model.dropout_resid=0.1"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               # Every run compiles the same programs: share them through JAX's persistent cache.
-               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = run_helpers.env(root)  # every run compiles the same programs: shared through JAX's cache
     return root, args, env
 
 
@@ -76,30 +65,8 @@ def wait_then_kill(p, condition, poll=0.0005, timeout=300) -> bool:
     raise TimeoutError("condition never held")
 
 
-def finished_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def tmp_dirs(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return [n for n in os.listdir(d) if ".orbax-checkpoint-tmp" in n] if os.path.isdir(d) else []
-
-
 def losses(workdir):
     return {r["step"]: r["train/loss"] for r in read_metrics(str(workdir)) if "train/loss" in r}
-
-
-def final_params(workdir):
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
-    return {k: np.asarray(v) for k, v in _flatten(restored["params"]).items()}
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +103,7 @@ def test_killed_runs_resume_bitwise(setup, reference):
     ref, got = losses(reference), losses(workdir)
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert got == ref  # bitwise: JSON keeps every float32 digit
-    ref_params, got_params = final_params(reference), final_params(workdir)
-    assert ref_params.keys() == got_params.keys()
-    for name in ref_params:
-        np.testing.assert_array_equal(got_params[name], ref_params[name], err_msg=name)
-
-
-def tree_digest(path):
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in sorted(os.walk(path)):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            h.update(f"{os.path.relpath(full, path)} {st.st_size} {st.st_mtime_ns}\n".encode())
-            h.update(open(full, "rb").read())
-    return h.hexdigest()
+    assert_same_params(final_params(workdir, STEPS), final_params(reference, STEPS))
 
 
 @pytest.mark.slow
