@@ -9,7 +9,7 @@ with ``--device_memory``/``--peak_flops`` (default: H100 SXM) in nodes of ``--de
 ``--node_bandwidth`` (NVLink) inside and ``--link_bandwidth`` (one 400 Gb/s NIC per GPU) between nodes;
 this binary sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself (re-executing when JAX was
 imported first). With ``--topology`` it compiles for that TPU slice with the TPU compiler (needs libtpu:
-``pip install "jax[tpu]==0.10.2"``; no TPU needed). See gptjax/tools/plan.py for what each figure means.
+``pip install "jax[tpu]==0.10.2"``; no TPU needed). See gptjax/tools/plan/ for what each figure means.
 Bad input ends in one error line and exit status 1.
 """
 
