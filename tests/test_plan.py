@@ -16,13 +16,17 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.pretrain import get_config
 from gptjax import flops as flops_lib
+from gptjax import sharding
 from gptjax.errors import ConfigError
 from gptjax.model import GPT
 from gptjax.tools import plan as plan_lib
+from gptjax.tools.plan import hlo
 from gptjax.train import state as state_lib
 from gptjax.train.optim import make_optimizer
 
@@ -101,6 +105,57 @@ def test_compile_time_does_not_grow_with_depth():
         seconds[layers] = min(runs)
     print(f"lower+compile: 12 layers {seconds[12]:.2f} s, 96 layers {seconds[96]:.2f} s")
     assert seconds[96] <= 2 * seconds[12], seconds
+
+
+@pytest.mark.parametrize("spelling, mesh_shape, axes", [
+    ("replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}", (1, 4, 2), ("fsdp",)),
+    ("replica_groups=[4,2]<=[8], dimensions={0}", (1, 4, 2), ("tensor",)),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={0}", (1, 4, 2), ("fsdp",)),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}, x=1", (1, 4, 2), ("tensor",)),
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", (2, 4, 1), ("fsdp",)),
+    ("replica_groups={}, dimensions={0}", (2, 4, 1), ("data", "fsdp")),
+])
+def test_replica_group_spellings_name_their_mesh_axes(spelling, mesh_shape, axes):
+    groups = hlo.replica_groups(spelling, 8)
+    assert sorted(len(g) for g in groups) == [len(groups[0])] * len(groups) and sum(map(len, groups)) == 8
+    assert hlo.group_axes(groups[0], sharding.MESH_AXES, mesh_shape) == axes
+
+
+@needs_8
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hlo_collectives_equal_a_hand_count(dtype):
+    """FSDP over 4 devices (x 2 data-parallel), written with explicit collectives so the count is known: each of
+    A microbatches runs L remat'ed layers that all-gather their weight shard (forward and recompute: 2 all-gathers),
+    whose transpose reduce-scatters the gradient (1 reduce-scatter) after summing the replicated cotangent over
+    data; a final psum over data. Per device, W = one layer's D x D weight: all-gather W(n-1)/n, reduce-scatter
+    W(n-1)/n, all-reduce 2W(n-1)/n. The accumulation loop's bound is an argument (the caller's trip count);
+    XLA:CPU widens bf16 collectives to float32, which the count undoes."""
+    L, D, B, A = 3, 32, 16, 5
+    mesh = sharding.make_mesh((2, 4, 1))
+
+    def local_step(w_LDD, x_ABD, num_micro):
+        def loss(w, x):
+            @jax.checkpoint
+            def layer(h, w_layer):
+                return jnp.tanh(h @ jax.lax.all_gather(w_layer, "fsdp", axis=0, tiled=True)), None
+            return jnp.sum(jax.lax.scan(layer, x, w)[0].astype(jnp.float32) ** 2)
+
+        def body(i, g):
+            return g + jax.grad(loss)(w_LDD, jax.lax.dynamic_index_in_dim(x_ABD, i, keepdims=False))
+        return jax.lax.psum(jax.lax.fori_loop(0, num_micro, body, jnp.zeros_like(w_LDD)), "data")
+
+    specs = (P(None, "fsdp"), P(None, ("data", "fsdp")), P())
+    step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=specs, out_specs=specs[0]))
+    shapes = ((L, D, D, dtype), (A, B, D, dtype), (jnp.int32,))
+    args = [jax.ShapeDtypeStruct(s[:-1], s[-1], sharding=NamedSharding(mesh, spec)) for s, spec in zip(shapes, specs)]
+    counts = hlo.count(step.lower(*args).compile().as_text(), sharding.MESH_AXES, (2, 4, 1), unknown_trips=A)
+    W = D * D * jnp.dtype(dtype).itemsize
+    found = {(kind, axes): (b, n) for kind, axes, _, b, n in hlo.table(counts)}
+    assert found == {("all-gather", "fsdp"): (A * L * 2 * W * 3 / 4, A * L * 2),
+                     ("reduce-scatter", "fsdp"): (A * L * W * 3 / 4, A * L),
+                     ("all-reduce", "data"): (A * L * 2 * W / 2 + 2 * (L * W / 4) / 2, A * L + 1)}
+    assert {d for _, _, d, _, _ in hlo.table(counts)} == {"f32" if dtype == "float32" else "bf16"}
+    assert counts.unknown_loops == 1 and counts.bytes_by_axes()["fsdp"] == A * L * 3 * W * 3 / 4
 
 
 def test_microbatch_is_fitted_to_the_data_parallel_devices():
