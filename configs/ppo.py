@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import common
 from gptjax.data.pipeline import default_data_config
@@ -31,6 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tokenizer = common.tokenizer_config("from_init")
     c.ppo_init = ml_collections.ConfigDict()
     c.ppo_init.reward_from = ""  # the reward-model run (its workdir); also the value model's initial weights
+    # Planning without runs (experiments.plan): the reward and value model's preset; None = the policy's.
+    c.ppo_init.reward_preset = placeholder(str)
     c.data = ml_collections.ConfigDict()
     c.data.prompts_path = ""  # prompts, JSONL: {"prompt": str | [messages ending with a user turn]}
     c.ppo = ppo_section()

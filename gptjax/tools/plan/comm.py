@@ -53,3 +53,9 @@ def axis_bandwidth(target: Target, mesh_shape: Sequence[int]) -> dict[str, float
     return out
 
 
+
+
+def bandwidth_of(axes: str, bandwidth: dict[str, float]) -> float:
+    """Bandwidth of a collective over mesh axes written "a+b" (the slowest of them; "" or "-": the fastest)."""
+    named = [bandwidth[a] for a in axes.split("+") if a in bandwidth]
+    return min(named) if named else max(bandwidth.values())

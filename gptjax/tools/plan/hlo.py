@@ -145,7 +145,8 @@ def group_axes(group: Sequence[int], mesh_axes: Sequence[str], mesh_shape: Seque
 
 
 def _permute_axes(rest: str, mesh_axes, mesh_shape) -> tuple[tuple[str, ...], int]:
-    pairs = [tuple(int(i) for i in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}", rest.split("source_target_pairs=")[-1])]
+    listed = rest.split("source_target_pairs=")[-1]
+    pairs = [tuple(int(i) for i in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}", listed)]
     moved = [(s, t) for s, t in pairs if s != t]
     if not moved:
         return (), 1

@@ -30,6 +30,10 @@ TPU_LINK_BANDWIDTH = {"v4": 2 * 2400e9 / 8 / 6, "v5p": 2 * 4800e9 / 8 / 6, "v5e"
 # binary units; it refuses programs that need more); the others: the published capacity.
 TPU_MEMORY = {"v4": 32 * 2**30, "v5p": 95.74 * 2**30, "v5e": 16 * 2**30, "v5litepod": 16 * 2**30,
               "v6e": 32 * 2**30}
+# HBM bandwidth per device (bytes/s): H100 SXM 3.35 TB/s (NVIDIA H100 datasheet); TPU: Cloud TPU system
+# architecture pages (v4 1,200 GB/s, v5e 819 GB/s, v5p 2,765 GB/s, v6e 1,640 GB/s).
+H100_HBM = 3.35e12
+TPU_HBM = {"v4": 1.2e12, "v5p": 2.765e12, "v5e": 0.819e12, "v5litepod": 0.819e12, "v6e": 1.64e12}
 TPU_PEAK = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v5litepod": 197e12, "v6e": 918e12}
 LIBTPU_REQUIREMENT = "jax[tpu]==0.10.2"  # brings libtpu 0.0.42.1, which compiles for TPU topologies on a CPU
 # libtpu is kept out of CPU environments (loaded there, JAX's backend probe prints TPU errors on every start), so
@@ -65,6 +69,8 @@ class Target:
     node_bandwidth: float | None = None  # the same inside a node (None: every link is link_bandwidth)
     devices_per_node: int = 1  # devices sharing the fast node_bandwidth links (e.g. 8 GPUs on NVLink)
     topology: Any = None  # jax TopologyDescription of a TPU target (device order follows the torus)
+    hbm_bandwidth: float = H100_HBM  # bytes/s a device reads from its memory
+    kind: str = "H100 SXM"  # the device, for cost (gptjax.tools.plan.cost)
 
 
 
@@ -86,7 +92,8 @@ def parse_bytes(text: str | float | int) -> float:
 
 def cpu_target(num_devices: int, device_memory: float, *, peak_flops: float | None = None,
                link_bandwidth: float | None = None, node_bandwidth: float | None = None,
-               devices_per_node: int = GPUS_PER_NODE, name: str | None = None) -> Target:
+               devices_per_node: int = GPUS_PER_NODE, name: str | None = None, hbm_bandwidth: float | None = None,
+               kind: str = "H100 SXM") -> Target:
     """``num_devices`` fake CPU devices standing in for accelerators with the given figures (default: H100 SXM
     nodes of 8 GPUs on NVLink, one 400 Gb/s NIC per GPU between nodes)."""
     devices = jax.devices("cpu")
@@ -96,7 +103,8 @@ def cpu_target(num_devices: int, device_memory: float, *, peak_flops: float | No
                           f"(python -m experiments.plan sets it)")
     return Target(name or f"{num_devices} fake CPU devices", tuple(devices[:num_devices]), float(device_memory),
                   float(peak_flops or H100_PEAK), float(link_bandwidth or GPU_LINK_BANDWIDTH),
-                  float(node_bandwidth or GPU_NODE_BANDWIDTH), int(devices_per_node))
+                  float(node_bandwidth or GPU_NODE_BANDWIDTH), int(devices_per_node),
+                  hbm_bandwidth=float(hbm_bandwidth or H100_HBM), kind=kind)
 
 
 def tpu_target(topology_name: str, *, device_memory: float | None = None, peak_flops: float | None = None,
@@ -125,15 +133,46 @@ def tpu_target(topology_name: str, *, device_memory: float | None = None, peak_f
                           f"{sorted(TPU_PEAK)}); pass --device_memory and --peak_flops")
     bandwidth = link_bandwidth or TPU_LINK_BANDWIDTH.get(generation, TPU_LINK_BANDWIDTH["v5p"])
     return Target(f"TPU {topology_name} ({len(topology.devices)} chips)", tuple(topology.devices), float(memory),
-                  float(peak), float(bandwidth), topology=topology)
+                  float(peak), float(bandwidth), topology=topology,
+                  hbm_bandwidth=TPU_HBM.get(generation, TPU_HBM["v5p"]), kind=f"TPU {generation}")
 
 
-def make_target_mesh(target: Target, mesh_shape: Sequence[int]) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the target's devices (-1 auto-fills); TPU device order follows the torus."""
-    shape = sharding_lib.resolve_mesh_shape(mesh_shape, len(target.devices))
-    if target.topology is not None:
+def cpu_stand_in(target: Target) -> Target:
+    """Fake CPU devices with ``target``'s figures (for fast compiles: a TPU topology's search)."""
+    n = len(target.devices)
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise ConfigError(f"{target.name} needs {n} fake CPU devices to stand in for it but this process has "
+                          f"{len(devices)}; start it with XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return dataclasses.replace(target, name=f"{target.name}, searched on {n} fake CPU devices",
+                               devices=tuple(devices[:n]), topology=None)
+
+
+def make_target_mesh(target: Target, mesh_shape: Sequence[int], frozen_shape: Sequence[int] | None = None):
+    """A (data, fsdp, tensor) mesh over the target's devices (-1 auto-fills); TPU device order follows the torus.
+    With ``frozen_shape`` (no -1), (main mesh over the first devices, frozen mesh over the last ``prod`` of them)."""
+    devices = target.devices
+    frozen = None
+    if frozen_shape is not None:
+        n = sharding_lib.resolve_mesh_shape(frozen_shape, int(np.prod(frozen_shape)))
+        if int(np.prod(n)) >= len(devices):
+            raise ConfigError(f"frozen mesh {tuple(frozen_shape)} takes {int(np.prod(n))} of the {len(devices)} "
+                              f"devices; leave some for the main mesh")
+        if target.topology is not None:
+            devices = tuple(np.asarray(_torus_order(target)).reshape(-1))
+        devices, rest = devices[:len(devices) - int(np.prod(n))], devices[len(devices) - int(np.prod(n)):]
+        frozen = Mesh(np.asarray(rest).reshape(n), sharding_lib.MESH_AXES)
+    shape = sharding_lib.resolve_mesh_shape(mesh_shape, len(devices))
+    if target.topology is not None and frozen is None:
         from jax.experimental import topologies
-        return topologies.make_mesh(target.topology, shape, sharding_lib.MESH_AXES)
-    return Mesh(np.asarray(target.devices).reshape(shape), sharding_lib.MESH_AXES)
+        main = topologies.make_mesh(target.topology, shape, sharding_lib.MESH_AXES)
+    else:
+        main = Mesh(np.asarray(devices).reshape(shape), sharding_lib.MESH_AXES)
+    return main if frozen_shape is None else (main, frozen)
+
+
+def _torus_order(target: Target):
+    from jax.experimental import topologies
+    return topologies.make_mesh(target.topology, (1, len(target.devices), 1), sharding_lib.MESH_AXES).devices
 
 
