@@ -45,6 +45,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # SamplingConfig.decode_segments: rollouts decode in this many loops, each attending over only the cache prefix
     # it can have filled (less memory traffic for long responses; each loop adds compile time).
     c.sampling.decode_segments = 1
+    # SamplingConfig.unroll_layers: decode a scanned model with its layers unrolled (caches updated in place). False
+    # keeps the layer scan: with FSDP each layer's weights are gathered inside the token loop, where unrolled the
+    # compiler may hoist every gathered weight out of it and keep them all (experiments.plan shows which). None = True.
+    c.sampling.unroll_layers = placeholder(bool)
     c.ptx = default_data_config()  # pretraining data for PPO-ptx (used when ppo.ptx_coef > 0)
     c.ptx_seq_len = 128  # sequence length of the PPO-ptx pretraining batches
     c.optim = common.optim_config()

@@ -239,6 +239,17 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"memory size 'eighty'.*e.g. 80GB"):
         plan_lib.parse_bytes("eighty")
     assert plan_lib.parse_bytes("80GB") == 80e9 and plan_lib.parse_bytes("95GiB") == 95 * 2**30
+    with pytest.raises(ConfigError, match=r"search budget 0 s: give a positive number"):
+        search_lib.search(_tiny_cfg(), plan_lib.cpu_target(1, 1e9), budget_s=0)
+    if jax.device_count("cpu") >= 8:
+        with pytest.raises(ConfigError, match=r"--search varies a train step's .* a PPO iteration is planned"):
+            search_lib.search(_tiny_ppo_cfg(), plan_lib.cpu_target(8, 1e9), meshes=[(1, 8, 1)])
+        with pytest.raises(ConfigError, match=r"frozen mesh \(1, 8, 1\) takes 8 of the 8 devices"):
+            plan_lib.plan_stage(_tiny_ppo_cfg(), plan_lib.cpu_target(8, 1e9), (1, -1, 1), frozen_mesh=(1, 8, 1))
+        with pytest.raises(ConfigError, match=r"trains one network; it has no frozen networks"):
+            plan_lib.plan_stage(_tiny_cfg(), plan_lib.cpu_target(8, 1e9), (1, 4, 1), frozen_mesh=(1, 4, 1))
+        with pytest.raises(ConfigError, match=r"mesh axes \('tensor',\) \(size 8\) do not divide"):
+            plan_lib.plan_stage(_tiny_cfg(), plan_lib.cpu_target(8, 1e9), (1, 1, 8))
     if jax.device_count("cpu") >= 8:
         with pytest.raises(ConfigError, match=r"uses 3 devices but 8 are available"):
             plan_lib.plan_stage(_tiny_cfg(), plan_lib.cpu_target(8, 1e9), (3, 1, 1))
@@ -260,6 +271,12 @@ def test_binary_prints_the_table_and_sets_its_own_device_count():
 
 
 # --- TPU topologies (the TPU compiler runs on this CPU; no TPU needed) ------------------------------------------
+
+@needs_libtpu
+def test_unknown_topology_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"cannot describe TPU topology 'v9q:2x2'.*a name such as v5p:4x4x4"):
+        plan_lib.tpu_target("v9q:2x2")
+
 
 @needs_libtpu
 def test_tpu_topology_plan():

@@ -77,7 +77,8 @@ def _models(cfg):
     scfg = sampling.SamplingConfig(max_new_tokens=N, temperature=pcfg.temperature, top_k=int(cfg.sampling.top_k),
                                    top_p=float(cfg.sampling.top_p), eos_id=tokenizer.eos_id,
                                    pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-                                   decode_segments=int(cfg.sampling.get("decode_segments", 1)))
+                                   decode_segments=int(cfg.sampling.get("decode_segments", 1)),
+                                   unroll_layers=cfg.sampling.get("unroll_layers") is not False)
     return pcfg, scfg, policy_cfg, reward_cfg, notes + [note], (P_len, N)
 
 

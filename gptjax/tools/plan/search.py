@@ -24,11 +24,12 @@ import jax
 from gptjax.errors import ConfigError
 from gptjax.model import count_params
 from gptjax.stages import common
-from gptjax.tools.plan.programs import plan_stage
+from gptjax.tools.plan.programs import plan_stage, stage_plan
 from gptjax.tools.plan.report import Plan
-from gptjax.tools.plan.targets import Target
+from gptjax.tools.plan.targets import Target, make_target_mesh
 
 REMATS = ("full", "save_dots_no_batch", "save_dots", "none")  # most memory-saving first (model.REMAT_POLICIES)
+CONFIRM_RESERVE_S = 240.0  # seconds kept for the TPU compiler's confirmation (one 175B compile: 90-200 s here)
 STATE_BYTES_PER_PARAM = 12  # float32 parameters and two Adam moments (the 175B plans' 11.0 + 21.9 GB per device)
 
 
@@ -67,7 +68,11 @@ def search(cfg, target: Target, *, budget_s: float = 600.0, log: Callable[[str],
            confirm: Target | None = None, meshes: list | None = None) -> tuple[Candidate | None, list[Candidate]]:
     """The fastest fitting candidate for ``target`` (and every candidate tried). ``confirm``: a target whose
     compiler must accept the winner (a TPU topology searched on its CPU stand-in)."""
+    if not budget_s > 0:
+        raise ConfigError(f"search budget {budget_s} s: give a positive number of seconds (--search_budget_s)")
     start = time.perf_counter()
+    # A TPU confirmation compiles for minutes: the CPU search leaves it the larger part of what remains.
+    search_budget = budget_s - (CONFIRM_RESERVE_S if confirm is not None else 0.0)
     batch, heads = int(cfg.train.batch_size), _heads(cfg)
     if meshes is None:
         state = STATE_BYTES_PER_PARAM * _params(cfg)
@@ -76,13 +81,17 @@ def search(cfg, target: Target, *, budget_s: float = 600.0, log: Callable[[str],
     if not meshes:
         raise ConfigError(f"no mesh over {len(target.devices)} devices holds the parameters and optimizer state "
                           f"in {target.device_memory / 1e9:.0f} GB per device")
+    probe = stage_plan(cfg, make_target_mesh(target, meshes[0]))
+    if probe.unit != "tokens" or len(probe.programs) != 1:
+        raise ConfigError(f"--search varies a train step's mesh, remat and microbatch; a {probe.step} is planned "
+                          f"with --mesh (and its config's sizes)")
     tried: list[Candidate] = []
     cache: dict[tuple, Candidate] = {}
 
     def try_(mesh, remat, per_rank) -> bool:
         key = (mesh, remat, per_rank)
         if key not in cache:
-            if time.perf_counter() - start > budget_s:
+            if time.perf_counter() - start > search_budget:
                 raise TimeoutError
             cache[key] = _compile(cfg, target, mesh, remat, per_rank, batch)
             tried.append(cache[key])
@@ -105,7 +114,7 @@ def search(cfg, target: Target, *, budget_s: float = 600.0, log: Callable[[str],
                     break  # a policy that keeps more cannot fit either
                 sizes = [r for r in sizes if r <= best]
     except TimeoutError:
-        log(f"  search budget of {budget_s:.0f} s spent; best so far:")
+        log(f"  search budget of {search_budget:.0f} s spent; the best so far wins")
     fitting = sorted((c for c in tried if c.plan is not None and c.plan.fits), key=lambda c: c.plan.step_s)
     if confirm is None:
         return (fitting[0] if fitting else None), tried
@@ -143,8 +152,8 @@ def _compile(cfg, target, mesh, remat, per_rank, batch) -> Candidate:
 
 
 def _confirm(cfg, tpu: Target, fitting: list[Candidate], start: float, budget_s: float, log) -> Candidate | None:
-    for c in fitting:
-        if time.perf_counter() - start > budget_s:
+    for i, c in enumerate(fitting):
+        if i and time.perf_counter() - start > budget_s - CONFIRM_RESERVE_S / 2:
             log("  no budget left to confirm with the TPU compiler")
             return None
         log(f"  confirming {c.mesh} remat={c.remat} {c.per_rank}/rank with the TPU compiler ...")
