@@ -5,8 +5,10 @@ found in the computations reachable from the entry, with its bytes, the mesh axe
 times it runs: a ``while`` body counts its trip count times (``known_trip_count`` in the loop's backend config;
 else the constant bound its condition compares against, an upper bound; else the caller's ``unknown_trips``, e.g.
 the train step's accumulation loop, whose bound is an argument), a ``conditional`` its costliest branch, fusions and
-calls once per use. Dots and convolutions are counted the same way (2 FLOPs per multiply-add; their operand and
-result bytes are the least memory traffic they need).
+calls once per use. Dots are counted the same way (2 FLOPs per multiply-add; their operand and result bytes are the
+least memory traffic they need). A TPU compiler writes dots as convolutions whose windows carry batch-like dims;
+counted as 2 x output x input features, they are an estimate, so for such programs the planner scales XLA's own
+count (each loop body once) by this walk's ratio of every-iteration to once-per-body FLOPs.
 
 Bytes per device, ring algorithms over the n devices of a group (the convention of the analytic estimate):
 all-gather in·(n−1) (its output is n inputs), reduce-scatter in·(n−1)/n, all-reduce 2·in·(n−1)/n,
@@ -164,6 +166,8 @@ class Counts:
 
     collectives: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(lambda: [0.0, 0.0]))
     flops: float = 0.0
+    flops_once: float = 0.0  # the same with every loop body counted once (as XLA's cost analysis counts)
+    convolutions: int = 0  # convolution ops: a TPU compiler's dots (their FLOPs here are an estimate)
     dot_bytes: float = 0.0
     unknown_loops: int = 0  # while loops whose trip count was not in the program (the caller's value was used)
 
@@ -172,6 +176,8 @@ class Counts:
             self.collectives[key][0] += times * b
             self.collectives[key][1] += times * n
         self.flops += times * other.flops
+        self.flops_once += other.flops_once
+        self.convolutions += other.convolutions
         self.dot_bytes += times * other.dot_bytes
         self.unknown_loops += other.unknown_loops
 
@@ -303,11 +309,15 @@ class _Walker:
         if ins.op == "dot":
             m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
             contract = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
-        else:  # convolution: each output element sums over the kernel's elements of one output feature
+        else:
+            total.convolutions += 1
+            # convolution: a TPU compiler writes dots as convolutions whose spatial dims carry batch-like dims;
+            # each output element sums over the kernel's input features ("i")
             labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest)
-            o = labels.group(1).index("o") if labels and rhs else None
-            contract = math.prod(rhs) // rhs[o] if o is not None else 1
+            i = labels.group(1).index("i") if labels and rhs else None
+            contract = rhs[i] if i is not None else 1
         total.flops += 2.0 * out * contract
+        total.flops_once += 2.0 * out * contract
         total.dot_bytes += shape_bytes(ins.shape) + sum(shape_bytes(s) for s in operands)
 
     def _trips(self, ins: Instruction) -> tuple[int, bool]:

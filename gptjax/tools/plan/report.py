@@ -37,6 +37,17 @@ class ProgramResult:
         return math.prod(self.mesh.values())
 
     @property
+    def hardware_flops(self) -> float | None:
+        """FLOPs of one call per device, every loop iteration counted: the HLO walk's dots, or (a program written
+        with convolutions: TPU) XLA's count scaled by the walk's every-iteration / once-per-body ratio."""
+        c = self.counts
+        if c is None:
+            return None
+        if c.convolutions and self.compiler_flops and c.flops_once:
+            return self.compiler_flops * c.flops / c.flops_once
+        return c.flops
+
+    @property
     def peak_bytes(self) -> float:
         """Live at once: arguments, temporaries, outputs not aliased to (donated) arguments, code, and what the step
         holds beside it."""
@@ -57,7 +68,7 @@ class ProgramResult:
             return {"compute": self.model_flops / self.devices / (target.peak_flops * efficiency), "memory": 0.0,
                     "communication": 0.0}
         comm = sum(b / bandwidth_of(axes, bandwidth) for axes, b in self.counts.bytes_by_axes().items())
-        return {"compute": self.counts.flops / (target.peak_flops * efficiency),
+        return {"compute": self.hardware_flops / (target.peak_flops * efficiency),
                 "memory": self.counts.dot_bytes / target.hbm_bandwidth, "communication": comm}
 
 
@@ -134,7 +145,8 @@ def _gb(b: float) -> str:
 def _hint(dominant: str) -> str:
     if dominant == "activations and other temporaries":
         return ("fewer sequences per device (more accumulation steps), more remat (model.remat=full) or tensor "
-                "parallelism")
+                "parallelism; in a rollout, gathered weights the compiler keeps through the decode loop "
+                "(sampling.unroll_layers=false keeps the layer scan) or the frozen networks elsewhere (--frozen_mesh)")
     if dominant == "held beside it":
         return "more devices, or the frozen networks on their own devices (--frozen_mesh)"
     return "more devices on fsdp/tensor, or bf16 weight gathers (model.gather_dtype=bfloat16)"
@@ -181,9 +193,10 @@ def _program_lines(plan: Plan, p: ProgramResult) -> list[str]:
         lines.append(f"    held beside it                    {gb(p.also_live_bytes)}")
     lines.append(f"    peak                              {gb(p.peak_bytes)}   of "
                  f"{gb(plan.target.device_memory).strip()}")
-    flops = p.counts.flops if p.counts else float("nan")
+    flops = p.hardware_flops if p.counts else float("nan")
+    how = "XLA's count x loop trip counts" if p.counts and p.counts.convolutions else "HLO dots x loop trip counts"
     lines += ["  FLOPs per call per device",
-              f"    HLO dots x loop trip counts       {flops:10.3e}   (hardware FLOPs, incl. remat recompute)",
+              f"    {how:<34}{flops:10.3e}   (hardware FLOPs, incl. remat recompute)",
               f"    analytic model FLOPs              {p.model_flops / p.devices:10.3e}   (gptjax.flops)"]
     if plan.layer_flops is not None and len(plan.programs) == 1:
         lines.append(f"    unscanned-variant cross-check     {plan.layer_flops:10.3e}   ({plan.layer_flops_s:.1f} s)")

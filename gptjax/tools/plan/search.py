@@ -115,7 +115,9 @@ def search(cfg, target: Target, *, budget_s: float = 600.0, log: Callable[[str],
                 sizes = [r for r in sizes if r <= best]
     except TimeoutError:
         log(f"  search budget of {search_budget:.0f} s spent; the best so far wins")
-    fitting = sorted((c for c in tried if c.plan is not None and c.plan.fits), key=lambda c: c.plan.step_s)
+    # Fastest first; among equally fast ones the least memory (the likeliest to fit a real compiler too).
+    fitting = sorted((c for c in tried if c.plan is not None and c.plan.fits),
+                     key=lambda c: (round(c.plan.step_s, 3), c.plan.peak_bytes))
     if confirm is None:
         return (fitting[0] if fitting else None), tried
     return _confirm(cfg, confirm, fitting, start, budget_s, log), tried
