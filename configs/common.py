@@ -31,6 +31,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.attention_impl = placeholder(str)  # auto | xla | cudnn
     m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16 | float16 (logits/loss stay float32)
     m.param_dtype = placeholder(str)  # parameter / optimizer master-copy dtype
+    # Weights cast to this dtype under their own sharding before use, so FSDP all-gathers move it (e.g. bfloat16:
+    # half the bytes of float32 parameters); None = cast after the gather (GPTConfig.gather_dtype).
+    m.gather_dtype = placeholder(str)
     m.scan_layers = placeholder(bool)  # nn.scan over layers: compile time independent of depth
     m.remat = placeholder(str)  # none | full | save_dots | save_dots_no_batch
     m.xent_backward = placeholder(str)  # autodiff | fused (hand-written cross-entropy backward; see GPTConfig)

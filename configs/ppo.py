@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import common
 from gptjax.data.pipeline import default_data_config
@@ -31,6 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tokenizer = common.tokenizer_config("from_init")
     c.ppo_init = ml_collections.ConfigDict()
     c.ppo_init.reward_from = ""  # the reward-model run (its workdir); also the value model's initial weights
+    # Planning without runs (experiments.plan): the reward and value model's preset; None = the policy's.
+    c.ppo_init.reward_preset = placeholder(str)
     c.data = ml_collections.ConfigDict()
     c.data.prompts_path = ""  # prompts, JSONL: {"prompt": str | [messages ending with a user turn]}
     c.ppo = ppo_section()
@@ -42,6 +45,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # SamplingConfig.decode_segments: rollouts decode in this many loops, each attending over only the cache prefix
     # it can have filled (less memory traffic for long responses; each loop adds compile time).
     c.sampling.decode_segments = 1
+    # SamplingConfig.unroll_layers: decode a scanned model with its layers unrolled (caches updated in place). False
+    # keeps the layer scan: with FSDP each layer's weights are gathered inside the token loop, where unrolled the
+    # compiler may hoist every gathered weight out of it and keep them all (experiments.plan shows which). None = True.
+    c.sampling.unroll_layers = placeholder(bool)
     c.ptx = default_data_config()  # pretraining data for PPO-ptx (used when ppo.ptx_coef > 0)
     c.ptx_seq_len = 128  # sequence length of the PPO-ptx pretraining batches
     c.optim = common.optim_config()

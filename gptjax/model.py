@@ -65,6 +65,9 @@ class GPTConfig:
     attention_impl: str = "auto"  # auto: cuDNN flash on GPU when shapes/dtypes allow, XLA otherwise
     dtype: str = "float32"  # compute dtype of matmuls/activations; logits and losses are always float32
     param_dtype: str = "float32"  # storage dtype of parameters (and the optimizer's master copy)
+    # None: weights are cast to the compute dtype where used (FSDP gathers param_dtype). A dtype, e.g. "bfloat16": cast
+    # first, under their own sharding, so all-gathers and gradient reductions move it (half of float32's bytes).
+    gather_dtype: str | None = None
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     remat: str = "none"  # one of REMAT_POLICIES
     # Backward of the cross-entropy over the vocabulary (one of XENT_BACKWARDS). "fused" never writes exp(logits)
@@ -94,6 +97,8 @@ class GPTConfig:
                               ("dtype", DTYPES), ("param_dtype", DTYPES), ("xent_backward", XENT_BACKWARDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; valid choices: {list(choices)}")
+        if self.gather_dtype not in (None, *DTYPES):
+            raise ConfigError(f"model.gather_dtype={self.gather_dtype!r} is unknown; valid choices: {[None, *DTYPES]}")
         bad = [k for k in self.attention_pattern if k not in ATTENTION_KINDS]
         if bad or not self.attention_pattern:
             raise ConfigError(f"model.attention_pattern={self.attention_pattern!r}: each entry must be one of "
@@ -192,6 +197,12 @@ jax.tree_util.register_dataclass(AttentionMasks, data_fields=["dense", "local"],
                                  meta_fields=["is_causal", "kernel_window"])
 
 
+def cast_for_use(w, axes: tuple[str | None, ...], dtype) -> Array:
+    """``w`` in ``dtype`` (None: unchanged), cast under its own sharding (logical ``axes``), so that the all-gather
+    that follows moves ``dtype`` (GPTConfig.gather_dtype)."""
+    return w if dtype is None else nn.with_logical_constraint(w.astype(dtype), axes)
+
+
 class Projection(nn.Module):
     """y = x · W + b contracting the trailing ``in_shape`` dims into ``out_shape`` dims.
 
@@ -206,12 +217,15 @@ class Projection(nn.Module):
     out_axes: tuple[str | None, ...]
     dtype: Any
     param_dtype: Any
+    gather_dtype: Any = None  # GPTConfig.gather_dtype
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _init(self.init_std, self.in_axes + self.out_axes),
-                            self.in_shape + self.out_shape, self.param_dtype)
-        bias = self.param("bias", _zeros(self.out_axes), self.out_shape, self.param_dtype)
+        kernel = cast_for_use(self.param("kernel", _init(self.init_std, self.in_axes + self.out_axes),
+                                         self.in_shape + self.out_shape, self.param_dtype),
+                              self.in_axes + self.out_axes, self.gather_dtype)
+        bias = cast_for_use(self.param("bias", _zeros(self.out_axes), self.out_shape, self.param_dtype),
+                            self.out_axes, self.gather_dtype)
         n_in = len(self.in_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
@@ -228,7 +242,7 @@ class CausalSelfAttention(nn.Module):
         dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         N, H = cfg.num_heads, cfg.head_dim
         qkv_BT3NH = Projection((cfg.d_model,), (3, N, H), cfg.init_std, ("embed",), ("qkv", "heads", "kv"),
-                               dtype, pdtype, name="qkv")(x_BTD)
+                               dtype, pdtype, cfg.gather_dtype, name="qkv")(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
         new_cache = None
         if cache is not None:
@@ -256,7 +270,7 @@ class CausalSelfAttention(nn.Module):
                 q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=masks.is_causal,
                 local_window_size=(window - 1, 0) if window else None, implementation=impl)
         out_BTD = Projection((N, H), (cfg.d_model,), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "kv"),
-                             ("embed",), dtype, pdtype, name="out")(out_BTNH)
+                             ("embed",), dtype, pdtype, cfg.gather_dtype, name="out")(out_BTNH)
         out_BTD = nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
         return out_BTD, new_cache
 
@@ -280,12 +294,11 @@ class MLP(nn.Module):
     def __call__(self, x_BTD, deterministic: bool):
         cfg = self.cfg
         dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-        h_BTF = nn.Dense(cfg.ff_dim, dtype=dtype, param_dtype=pdtype, name="fc",
-                         kernel_init=_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)))(x_BTD)
+        h_BTF = Projection((cfg.d_model,), (cfg.ff_dim,), cfg.init_std, ("embed",), ("mlp",), dtype, pdtype,
+                           cfg.gather_dtype, name="fc")(x_BTD)
         h_BTF = nn.with_logical_constraint(jax.nn.gelu(h_BTF, approximate=True), ("batch", "length", "mlp"))
-        out_BTD = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=pdtype, name="proj",
-                           kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed")),
-                           bias_init=_zeros(("embed",)))(h_BTF)
+        out_BTD = Projection((cfg.ff_dim,), (cfg.d_model,), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp",),
+                             ("embed",), dtype, pdtype, cfg.gather_dtype, name="proj")(h_BTF)
         return nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
 
 
@@ -393,7 +406,8 @@ class Decoder(nn.Module):
         if positions_BT is None:
             offset = 0 if cache_index is None else cache_index
             positions_BT = jnp.broadcast_to(offset + jnp.arange(T), (B, T))
-        x_BTD = _lookup(self.wte.embedding, tokens_BT, "vocab") + _lookup(self.wpe.embedding, positions_BT, "position")
+        wpe = cast_for_use(self.wpe.embedding, ("position", "embed"), cfg.gather_dtype)
+        x_BTD = _lookup(self.embedding_matrix(), tokens_BT, "vocab") + _lookup(wpe, positions_BT, "position")
         x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD.astype(_dtype(cfg.dtype)), ("batch", "length", "embed"))
         masks = build_masks(cfg, T, segment_ids_BT, None if cache is None else (cache_index, kv_valid_BS))
@@ -411,7 +425,7 @@ class Decoder(nn.Module):
         return x_BTD, new_cache
 
     def embedding_matrix(self):
-        return self.wte.embedding
+        return cast_for_use(self.wte.embedding, ("vocab", "embed"), self.cfg.gather_dtype)
 
 
 def _lookup(table_VD, ids_BT, row_axis: str) -> Array:
@@ -482,12 +496,13 @@ class GPT(nn.Module):
         return self.decoder(tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic)[0]
 
     def logits(self, hidden_BTD):
-        embedding_VD = self.decoder.embedding_matrix() if self.cfg.tie_embeddings else self.lm_head
+        embedding_VD = self.output_embedding()
         return nn.with_logical_constraint(lm_logits(hidden_BTD, embedding_VD, _dtype(self.cfg.dtype)),
                                           ("batch", "length", "vocab"))
 
     def output_embedding(self):
-        return self.decoder.embedding_matrix() if self.cfg.tie_embeddings else self.lm_head
+        return self.decoder.embedding_matrix() if self.cfg.tie_embeddings else \
+            cast_for_use(self.lm_head, ("vocab", "embed"), self.cfg.gather_dtype)
 
 
 def last_valid_index(valid_BT) -> Array:

@@ -262,6 +262,36 @@ def test_rollout_greedy_tokens_identical_and_sharded(mesh_shape):
     assert split, "rollout arrays were gathered instead of staying batch-sharded"
 
 
+@functools.lru_cache(maxsize=None)
+def _bf16_lm_grads(mesh_shape, gather_dtype):
+    """(loss, grads) of the LM loss in bfloat16 compute, weights cast after (None) or before the gather."""
+    model = GPT(CFG.replace(dtype="bfloat16", gather_dtype=gather_dtype))
+    mesh, x = _mesh(mesh_shape), _inputs()
+    gpt_sh = sharding.logical_to_sharding(_boxed(model), mesh)
+
+    def fn(params, batch):
+        return jax.value_and_grad(lambda p: lm_loss(p, batch, None, model=model, deterministic=True)[0])(params)
+
+    with sharding.activate(mesh):
+        out = JIT(fn, in_shardings=(gpt_sh, _batch_sharding(mesh)), out_shardings=(sharding.replicated(mesh), gpt_sh))
+        return jax.device_get(out(x["gpt"], x["lm"]))
+
+
+@needs_8
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=MESH_IDS)
+def test_bf16_gathers_match_float32_gathers(mesh_shape):
+    """model.gather_dtype=bfloat16 (weights cast before the FSDP all-gather) against the float32-gather path: the
+    same loss and gradients to bfloat16 precision (the matmuls see the same bf16 weights either way; what differs is
+    the embedding sum's rounding and the gradient reductions in bf16)."""
+    loss, grads = _bf16_lm_grads(mesh_shape, "bfloat16")
+    ref_loss, ref_grads = _bf16_lm_grads(mesh_shape, None)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-2 * abs(float(ref_loss))
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
+        assert g.dtype == np.float32  # gradients arrive in the parameters' dtype
+        scale = float(np.abs(r).max())
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-2 * scale, err_msg=jax.tree_util.keystr(path))
+
+
 @needs_8
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=MESH_IDS)
 def test_rules_split_weights_over_the_named_axes(mesh_shape):

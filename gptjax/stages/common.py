@@ -24,7 +24,7 @@ from gptjax.model import GPT, GPTConfig, ScoreModel, count_params
 from gptjax.presets import preset_config
 from gptjax.tokenizers import Tokenizer, make_tokenizer, padded_vocab_size
 from gptjax.train import checkpoint as ckpt_lib
-from gptjax.train import loop, state as state_lib
+from gptjax.train import aot, loop, state as state_lib
 
 FROM_INIT = "from_init"  # model.preset / tokenizer.kind value: take the init_from run's model / tokenizer
 
@@ -212,3 +212,51 @@ def expected_counts(model: nn.Module) -> dict[str, int]:
         counts["total"] += model.cfg.d_model + 1
         counts["non_embedding"] += model.cfg.d_model + 1
     return counts
+
+
+# --- ahead-of-time plans (gptjax.tools.plan) --------------------------------------------------------------------
+
+PLAN_TOKENIZER = "gpt2"  # a from_init tokenizer with no run to take it from: the GPT presets' own
+
+
+def planning_model_config(cfg, seq_len: int) -> tuple[GPTConfig, Tokenizer, list[str]]:
+    """(GPTConfig, tokenizer, notes) of a config for planning: ``model.preset`` may name a preset where a run would
+    take its model from ``train.init_from`` (then the tokenizer, when it is from_init too, is GPT-2's)."""
+    notes = []
+    if cfg.train.get("init_from") and FROM_INIT in (cfg.model.preset, cfg.tokenizer.kind):
+        model_cfg, tok_cfg = resolve_from_init(cfg)
+    else:
+        model_cfg, tok_cfg = cfg.model, cfg.tokenizer
+        if model_cfg.preset == FROM_INIT:
+            raise ConfigError("model.preset='from_init' names no model without train.init_from; give a preset to "
+                              "plan for, e.g. --config.model.preset=gpt3-6.7b")
+        if tok_cfg.kind == FROM_INIT:
+            tok_cfg = tok_cfg.copy_and_resolve_references()
+            with tok_cfg.unlocked():
+                tok_cfg.kind, tok_cfg.path = PLAN_TOKENIZER, ""
+            notes.append(f"tokenizer.kind=from_init without a run: planned with the {PLAN_TOKENIZER} tokenizer")
+    tokenizer = build_tokenizer(tok_cfg)
+    return build_model_config(model_cfg, tokenizer, seq_len), tokenizer, notes
+
+
+def plan_train_step(cfg, mesh, *, model_class, objective: Callable, contract, sizes: dict, flops_per_row: Callable,
+                    unit_rows: int = 1, frozen_mesh=None) -> aot.StagePlan:
+    """The plan of a stage trained by the shared loop: its train step on ``mesh`` (``objective`` and ``contract``
+    as the stage registers them; ``sizes``: the contract's letters but B; ``flops_per_row(model_cfg)``: model
+    FLOPs per batch row; ``unit_rows``: sequences per row, for the token count)."""
+    if frozen_mesh is not None:
+        raise ConfigError(f"config.stage={cfg.stage!r} trains one network; it has no frozen networks to place on "
+                          f"other devices")
+    seq_len = int(cfg.train.seq_len)
+    model_cfg, _, notes = planning_model_config(cfg, seq_len)
+    model = model_class(model_cfg)
+    micro, accum, note = aot.resolve_microbatch(int(cfg.train.batch_size), int(cfg.optim.grad_accum_steps),
+                                                sharding.data_parallel_size(mesh))
+    notes += [note] if note else []
+    program = aot.train_step_program(cfg, model, objective(cfg, model), contract, sizes, mesh, micro=micro,
+                                     accum=accum, flops_per_row=flops_per_row(model_cfg))
+    tokens = int(cfg.train.batch_size) * seq_len * unit_rows
+    return aot.StagePlan("train step", [program], "tokens", tokens, tokens, model_cfg, notes,
+                         {"optim.grad_accum_steps": accum},
+                         shape={"batch": int(cfg.train.batch_size), "micro": micro, "accum": accum,
+                                "seq_len": seq_len})

@@ -144,6 +144,15 @@ def bench(ctx) -> list:
         tokens_per_row=T, flops_per_token=lambda cfg: flops.flops_per_token(cfg, T), segments=segments)]
 
 
+def plan(cfg, mesh, frozen_mesh=None):
+    """The train step of an LM stage (pretraining, SFT: the objective differs, the program's shape does not)."""
+    stage = registry.get(cfg.stage)
+    T = int(cfg.train.seq_len)
+    return common.plan_train_step(cfg, mesh, model_class=GPT, objective=stage.objective, contract=batches.LM_BATCH,
+                                  sizes={"T": T}, flops_per_row=lambda m: flops.flops_per_token(m, T) * T,
+                                  frozen_mesh=frozen_mesh)
+
+
 STAGE = registry.register(registry.Stage(
     name="pretrain", title="pretraining", run=run, components=policy_components, inherits_model=False,
-    chat_format=False, objective=objective, batch=batches.LM_BATCH, split_loss=split_loss, bench=bench))
+    chat_format=False, objective=objective, batch=batches.LM_BATCH, split_loss=split_loss, bench=bench, plan=plan))

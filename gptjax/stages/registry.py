@@ -11,15 +11,15 @@ Who asks what:
     seed_world.pipeline   get(name).run for each stage of its recipe; load_policy for its evaluator
     tools.analysis        components (the networks to load), title, chat_format, split_loss, report
     tools.bench           bench: each stage's train step or iteration (stage names are workload names)
-    tools.plan            objective and batch: the train step it compiles ahead of time
+    tools.plan            plan: the programs of one step (train step; PPO experience + update) to compile ahead of time
     experiments.chat      load_policy: the network of a run whose role is "policy"
 
 Stages to come fit the same record: an offline preference stage (DPO) is a policy and a frozen reference trained
 by the shared loop (``objective`` and ``batch`` as here, ``report`` for its KL to the reference); critic-free RL
 (GRPO, RLOO) runs its own loop like PPO with a policy component and no value component; an iterative stage
 (rejection sampling) is a ``run`` that samples, picks and fine-tunes through the shared loop; an ahead-of-time
-planner of any stage compiles the step its ``objective`` and ``batch`` (or, for a stage with its own loop, the
-programs it will name) define, on abstract inputs.
+planner of any stage compiles the programs its ``plan`` names (the shared train step from ``objective`` and
+``batch``; a stage with its own loop names its own), on abstract inputs.
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ class Stage:
     report: Callable[..., dict] | None = None
     # (bench context) -> result rows: how experiments.bench exercises the stage (its train step or iteration).
     bench: Callable[[Any], list] | None = None
+    # (cfg, mesh, frozen_mesh=None) -> gptjax.train.aot.StagePlan: the jitted programs one step runs (the train step;
+    # PPO's experience and update), on abstract sharded arguments, for the ahead-of-time planner (tools.plan).
+    # ``frozen_mesh``: other devices for frozen networks (PPO's reference and reward model), where a stage has any.
+    plan: Callable[..., Any] | None = None
 
     def stored_config(self, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The config a run of this stage records in its workdir (and checks on resume)."""

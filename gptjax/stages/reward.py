@@ -295,6 +295,21 @@ def bench(ctx) -> list:
         extra={"responses_per_prompt": k})]
 
 
+PLAN_SLOTS = 4  # responses per prompt when data.num_slots is 0 (the file's largest ranking; InstructGPT: 4 to 9)
+
+
+def plan(cfg, mesh, frozen_mesh=None):
+    """The reward model's train step: rows of ``data.num_slots`` ranked responses (else PLAN_SLOTS)."""
+    T, K = int(cfg.train.seq_len), int(cfg.data.num_slots) or PLAN_SLOTS
+    out = common.plan_train_step(cfg, mesh, model_class=ScoreModel, objective=objective,
+                                 contract=batches.RANKING_BATCH, sizes={"K": K, "T": T},
+                                 flops_per_row=lambda m: flops.score_flops_per_token(m, T) * T * K, unit_rows=K,
+                                 frozen_mesh=frozen_mesh)
+    if not int(cfg.data.num_slots):
+        out.notes.append(f"data.num_slots=0 (the file's largest ranking): planned with {K} responses per prompt")
+    return out
+
+
 STAGE = registry.register(registry.Stage(
     name="reward", title="reward-model", run=run, components=components, objective=objective,
-    batch=batches.RANKING_BATCH, split_loss=split_loss, report=report, bench=bench))
+    batch=batches.RANKING_BATCH, split_loss=split_loss, report=report, bench=bench, plan=plan))

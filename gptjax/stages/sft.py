@@ -25,6 +25,7 @@ from gptjax.data import batches, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import GPT
 from gptjax.stages import common, registry
+from gptjax.stages import pretrain
 from gptjax.stages.pretrain import lm_token_stats, policy_components
 from gptjax.train import loop
 
@@ -110,4 +111,4 @@ def bench(ctx) -> list:
 
 STAGE = registry.register(registry.Stage(
     name="sft", title="SFT", run=run, components=policy_components, objective=objective, batch=batches.LM_BATCH,
-    split_loss=split_loss, bench=bench))
+    split_loss=split_loss, bench=bench, plan=pretrain.plan))

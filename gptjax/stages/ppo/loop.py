@@ -180,7 +180,8 @@ def run_ppo(cfg, workdir: str, *, policy_model: GPT, value_model: ScoreModel, re
     sampling_cfg = SamplingConfig(max_new_tokens=int(cfg.sampling.max_new_tokens), temperature=pcfg.temperature,
                                   top_k=int(cfg.sampling.top_k), top_p=float(cfg.sampling.top_p),
                                   eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
-                                  decode_segments=int(cfg.sampling.get("decode_segments", 1)))
+                                  decode_segments=int(cfg.sampling.get("decode_segments", 1)),
+                                  unroll_layers=cfg.sampling.get("unroll_layers") is not False)
     # All prompts left-padded to one length (the longest), so every iteration compiles once.
     prompts_NP = sample_lib.left_pad(prompts, pad_id)
     total_updates = t.steps * pcfg.ppo_epochs * pcfg.num_minibatches

@@ -22,6 +22,7 @@ from gptjax.model import GPT, ScoreModel
 from gptjax.stages import common, registry
 from gptjax.stages.ppo import bench as ppo_bench
 from gptjax.stages.ppo import loop as ppo_loop
+from gptjax.stages.ppo import plan as ppo_plan
 from gptjax.stages.reward import load_reward_params
 from gptjax.stages.rollouts import RolloutEngine
 
@@ -139,4 +140,4 @@ def report(run, params: Mapping, step: int, opts) -> dict:
 
 STAGE = registry.register(registry.Stage(
     name="ppo", title="PPO", run=run, components=components, split_loss=split_loss, report=report,
-    bench=ppo_bench.bench))
+    bench=ppo_bench.bench, plan=ppo_plan.plan))
