@@ -68,6 +68,17 @@ def optim_config() -> ml_collections.ConfigDict:
     return o
 
 
+def reward_config(source: str | None = "model", model_from: str | None = "",
+                  function: str | None = "") -> ml_collections.ConfigDict:
+    """Where an RL stage's reward comes from (gptjax/stages/online/rewards.py); None = the stage's default."""
+    r = ml_collections.ConfigDict()
+    r.source = placeholder(str) if source is None else source  # "model": a reward-model run; "function": a callable
+    r.model_from = placeholder(str) if model_from is None else model_from  # the reward-model run (source "model")
+    # "module.path:callable", called as fn(prompt_record: dict, answer: str) -> float (source "function")
+    r.function = placeholder(str) if function is None else function
+    return r
+
+
 def train_config() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     t.seed = 0  # parameter init, dropout and data order

@@ -2,7 +2,7 @@
 --config.data.prompts_path=prompts.jsonl``.
 
 Policy and frozen reference from the SFT run, frozen reward model and the value model's initial weights from
-the RM run (gptjax/stages/ppo/loop.py). ``train.steps`` counts PPO iterations (each: one rollout batch, then
+the RM run (gptjax/stages/ppo/, on the shared RL loop of gptjax/stages/online/). ``train.steps`` counts PPO iterations (each: one rollout batch, then
 ``ppo.ppo_epochs`` passes of minibatch updates). PPO fields are documented in gptjax/stages/ppo/objective.py
 (PPOConfig).
 """
@@ -31,6 +31,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tokenizer = common.tokenizer_config("from_init")
     c.ppo_init = ml_collections.ConfigDict()
     c.ppo_init.reward_from = ""  # the reward-model run (its workdir); also the value model's initial weights
+    # The reward (gptjax/stages/online/rewards.py); None = the defaults: source "model", the RM of
+    # ppo_init.reward_from. reward.source="function" with reward.function="module.path:callable" scores answers with
+    # a Python function instead (e.g. gptjax.seed_world.rewards:gold_reward); the value model still starts from the RM.
+    c.reward = common.reward_config(source=None, model_from=None, function=None)
     c.data = ml_collections.ConfigDict()
     c.data.prompts_path = ""  # prompts, JSONL: {"prompt": str | [messages ending with a user turn]}
     c.ppo = ppo_section()

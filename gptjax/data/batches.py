@@ -74,6 +74,17 @@ ROLLOUT_BATCH = Contract("rollout", (
        "may add 'ptx', an LM batch of pretraining data (PPO-ptx).")
 
 
+SAMPLED_ROLLOUT = Contract("sampled rollout", (
+    Field("tokens", "BT", "int32", doc="left-padded prompt, then the sampled response, right-padded"),
+    Field("valid", "BT", "bool", doc="real tokens of each row"),
+    Field("response_mask", "BT", "bool", doc="response (action) tokens, EOS included"),
+    Field("finished", "B", "bool", doc="the response ended with EOS within the length budget"),
+    Field("old_logprobs", "BT", "float32", doc="log π of each token under the sampling policy"),
+    Field("ref_logprobs", "BT", "float32", doc="log π_ref of each token under the frozen reference"),
+    Field("old_values", "BT", "float32", required=False, doc="value before each token (algorithms with a critic)"),
+), doc="The shared RL loop's rollout before scoring (stages/online/loop.py): what an algorithm's advantage "
+       "function reads, with the reward of each row.")
+
 def check(batch: Mapping[str, Any], contract: Contract, where: str) -> None:
     """Raise one BatchError naming the missing or malformed field when ``batch`` does not hold ``contract``.
 

@@ -1,6 +1,7 @@
-"""Small pure functions of the RLHF stages: padded-sequence layout, GAE, whitening, KL controllers, per-token rewards.
+"""Small pure functions of the RLHF stages: padded-sequence layout, per-token log-probs and values of full rows, GAE,
+whitening, KL controllers, per-token rewards.
 
-Conventions (shared with ``stages/ppo/objective.py`` and ``stages/reward.py``):
+Conventions (shared with the RL objectives, ``stages/reward.py`` and ``stages/dpo.py``):
 
 * A rollout row is prompt + response in one (B, T) array. Prompts may be left-padded and responses right-padded
   after EOS; ``valid_BT`` marks real tokens, ``mask_BT`` marks response (action) tokens, EOS included.
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.errors import ConfigError
-from gptjax.model import last_valid_index
+from gptjax.model import GPT, ScoreModel, last_valid_index
+from gptjax.stages.pretrain import token_stats_of
 
 Array = jax.Array
 
@@ -38,6 +40,33 @@ def positions_and_segments(valid_BT) -> tuple[Array, Array]:
     valid_BT = valid_BT.astype(bool)
     positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0).astype(jnp.int32)
     return positions_BT, valid_BT.astype(jnp.int32)
+
+
+# --- Per-token quantities of full rows ----------------------------------------------------------------------------
+
+def _align_to_tokens(x_BT):
+    """Move a quantity computed at position t−1 (about token t) to column t; column 0 (no prediction) is 0."""
+    return jnp.pad(x_BT[:, :-1], ((0, 0), (1, 0)))
+
+
+def sequence_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: float = 1.0, loss_chunk: int = 0,
+                      with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """log π(token_t | tokens_<t) for every column t (0 in column 0), and optionally the entropy of that
+    next-token distribution; both float32 (B, T). Mask with the response mask to keep actions only."""
+    positions_BT, segment_ids_BT = positions_and_segments(valid_BT)
+    next_tokens_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))  # the last position predicts nothing we keep
+    stats = token_stats_of(params, tokens_BT, next_tokens_BT, model=model, positions_BT=positions_BT,
+                           segment_ids_BT=segment_ids_BT, deterministic=True, loss_chunk=loss_chunk,
+                           temperature=temperature, with_entropy=with_entropy)
+    entropy_BT = _align_to_tokens(stats.entropy_BT) if with_entropy else None
+    return _align_to_tokens(stats.logprob_BT), entropy_BT
+
+
+def sequence_values(params, tokens_BT, valid_BT, *, model: ScoreModel) -> Array:
+    """V(state before token t) for every column t: the value head's output at position t−1. float32 (B, T)."""
+    positions_BT, segment_ids_BT = positions_and_segments(valid_BT)
+    scores_BT = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, deterministic=True)
+    return _align_to_tokens(scores_BT)
 
 
 # --- Advantages ---------------------------------------------------------------------------------------------------
