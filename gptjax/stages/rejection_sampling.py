@@ -9,10 +9,10 @@ r − 1's policy.
 
 Workdir layout: ``rounds/<r>/best.jsonl`` (round r's kept answers as SFT conversations, with their scores in
 "meta") and ``rounds/<r>/`` (round r's fine-tuning: an ordinary shared-loop run); ``checkpoints/<r + 1>`` holds the
-policy after round r (``{"params"}``) and ``metrics.jsonl`` one record per round (``rs/*`` and
-``rollout/generated_tokens``). Resume is exact: a round's answers are a pure function of the previous round's
-policy (read back from its checkpoint) and are written once (atomically); a round's fine-tuning resumes as any
-shared-loop run does.
+policy after round r (``{"params"}``) and ``metrics.jsonl`` one record per round (``rs/*``, ``round/*`` and, as the
+RL stages log them, ``rollout/generated_tokens`` and ``rollout/episodes``). Resume is exact: a round's answers
+are a pure function of the previous round's policy (read back from its checkpoint) and are written once
+(atomically); a round's fine-tuning resumes as any shared-loop run does.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def sample_round(engine: RolloutEngine, params, conversations, prompts, reward, 
     metrics = {"rs/samples": float(len(texts)), "rs/kept": float(len(records)),
                "rs/mean_score": float(np.mean(scores)), "rs/best_score": float(np.mean(
                    [r["meta"]["score"] for r in records])) if records else float("nan"),
-               "rs/eos_rate": float(np.mean(rows.finished_B)), "rollout/generated_tokens": generated}
+               "rs/eos_rate": float(np.mean(rows.finished_B)), "rollout/generated_tokens": generated,
+               "rollout/episodes": float(len(texts))}
     return records, metrics
 
 

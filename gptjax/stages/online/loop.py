@@ -322,6 +322,7 @@ def _iterate(it: int, state: RLState, iteration: Iteration, ref_params, reward, 
     metrics.update({f"{algo.name}/{k}": float(v) for k, v in upd_metrics.items()})
     generated = algo.rollout_batch_size * metrics["rollout/response_length"]
     metrics.update({f"{algo.name}/kl_coef": float(state.kl.kl_coef), "rollout/generated_tokens": generated,
+                    "rollout/episodes": float(algo.rollout_batch_size),
                     "time/rollout_s": rollout_s, "time/update_s": update_s,
                     "time/rollout_fraction": rollout_s / max(rollout_s + update_s, 1e-9),
                     "perf/episode_tokens_per_s": episode_tokens / max(rollout_s + update_s, 1e-9),
