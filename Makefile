@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= workdirs/demo
 
-.PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt analyze clean
+.PHONY: assets setup test test-fast demo pretrain-demo demo-seeds model-info plan bench sweep overopt compare analyze clean
 
 # Two install levels. The runtime (requirements.txt) is all the seed-world jobs need (demo, demo-seeds, overopt,
 # analyze); the Shakespeare jobs (pretrain-demo, sweep) add the offline assets; `setup` (test and the rest) adds
@@ -59,6 +59,11 @@ plan: setup
 # Reward over-optimisation study (Gao et al.) on the demo's pipeline workdir (runs the pipeline first if needed).
 overopt: $(BIN)/.installed
 	$(BIN)/python -m experiments.overopt --workdir=$(WORKDIR)
+
+# PPO, GRPO, RLOO (learned and gold reward), DPO and rejection sampling at equal budgets, 3 seeds, on the demo's
+# pipeline workdir (runs the pipeline first if needed); table and plots in $(WORKDIR)/compare.
+compare: $(BIN)/.installed
+	$(BIN)/python -m experiments.compare --workdir=$(WORKDIR)
 
 # Checkpoint analysis report of one run (default: the demo's PPO run).
 RUN ?= $(WORKDIR)/ppo

@@ -7,6 +7,8 @@ field is an error. ``None`` fields (placeholders) mean "take the model preset's 
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -69,6 +71,62 @@ def optim_config() -> ml_collections.ConfigDict:
     o.ramp_start_tokens = 0
     o.ramp_tokens = 0
     return o
+
+
+def reward_config(source: str | None = "model", model_from: str | None = "",
+                  function: str | None = "") -> ml_collections.ConfigDict:
+    """Where an RL stage's reward comes from (gptjax/stages/online/rewards.py); None = the stage's default."""
+    r = ml_collections.ConfigDict()
+    r.source = placeholder(str) if source is None else source  # "model": a reward-model run; "function": a callable
+    r.model_from = placeholder(str) if model_from is None else model_from  # the reward-model run (source "model")
+    # "module.path:callable", called as fn(prompt_record: dict, answer: str) -> float (source "function")
+    r.function = placeholder(str) if function is None else function
+    return r
+
+
+def dataclass_section(cls) -> ml_collections.ConfigDict:
+    """Every field of a settings dataclass (PPOConfig, GRPOConfig, ...) with its default (documented there)."""
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def sampling_config() -> ml_collections.ConfigDict:
+    """How the online RL stages sample their rollouts (gptjax/sampling.py SamplingConfig)."""
+    s = ml_collections.ConfigDict()
+    s.max_prompt_len = 128  # prompts are left-padded to the longest; longer ones are an error
+    s.max_new_tokens = 64  # response budget; responses without EOS get the algorithm's no_eos_penalty
+    s.top_k = 0  # 0 = off (RLHF samples the policy as a distribution: temperature <algorithm>.temperature)
+    s.top_p = 1.0
+    # SamplingConfig.decode_segments: rollouts decode in this many loops, each attending over only the cache prefix
+    # it can have filled (less memory traffic for long responses; each loop adds compile time).
+    s.decode_segments = 1
+    # SamplingConfig.unroll_layers: decode a scanned model with its layers unrolled (caches updated in place). False
+    # keeps the layer scan: with FSDP each layer's weights are gathered inside the token loop, where unrolled the
+    # compiler may hoist every gathered weight out of it and keep them all (experiments.plan shows which). None = True.
+    s.unroll_layers = placeholder(bool)
+    return s
+
+
+def online_rl_config(stage: str) -> ml_collections.ConfigDict:
+    """What every online RL stage's config holds (PPO, GRPO, RLOO): the model and tokenizer of train.init_from (the
+    SFT run), the prompts, sampling, AdamW at RL settings, train (``train.steps`` counts iterations), mesh."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model = model_config("from_init")
+    c.tokenizer = tokenizer_config("from_init")
+    c.data = ml_collections.ConfigDict()
+    c.data.prompts_path = ""  # prompts, JSONL: {"prompt": str | [messages ending with a user turn], "meta": ...}
+    c.sampling = sampling_config()
+    c.optim = optim_config()
+    c.optim.lr = 1e-5
+    c.optim.eps = 1e-5  # Huang et al. 2024
+    c.optim.weight_decay = 0.0
+    c.train = train_config()
+    c.train.steps = 100
+    c.train.log_every = 1
+    c.train.eval_every = 25
+    c.train.ckpt_every = 25
+    c.mesh = mesh_config()
+    return c
 
 
 def train_config() -> ml_collections.ConfigDict:

@@ -4,7 +4,10 @@ Reference: an uninterrupted run. The same run is SIGKILLed between checkpoint wr
 checkpoint is being written (a ``*.orbax-checkpoint-tmp`` directory exists), restarted each time, and must
 log bitwise the same loss at every step and end with bitwise the same parameters (CPU, 8 fake devices,
 dropout on, so the restored rng and data-iterator state matter). A workdir of another config is refused with
-one error and left byte-for-byte unchanged; an unknown config field is one error line.
+one error and left byte-for-byte unchanged; an unknown config field is one error line. The stage-3 alternatives
+(GRPO, RLOO with a reward function, DPO, rejection sampling) on the smoke pipeline's runs: SIGKILLed after a
+checkpoint (rejection sampling: inside a later round's fine-tuning), restarted, they log bitwise the same metrics and
+end with bitwise the same policy as an uninterrupted run.
 """
 
 import json
@@ -157,3 +160,74 @@ def test_config_check_unit(tmp_path):
     with pytest.raises(workdir_lib.ConfigMismatchError, match="no config.json"):
         workdir_lib.check_or_write_config(str(foreign), cfg)
     assert os.listdir(foreign) == ["checkpoints"]
+
+
+# --- the stage-3 alternatives: SIGKILLed between checkpoints, restarted, bitwise the uninterrupted run ------------
+
+def _stage_args(smoke: str, stage: str) -> list[str]:
+    """Tiny runs of each new stage on the smoke pipeline's SFT run, reward model, prompts and rankings (RLOO with
+    the gold labeler as its reward: the host-side reward path)."""
+    runs, world = os.path.join(smoke, "{}"), os.path.join(smoke, "world", "ppo_prompts.jsonl")
+    common_rl = [f"--config.train.init_from={runs.format('sft')}", f"--config.data.prompts_path={world}",
+                 "--config.sampling.max_prompt_len=64", "--config.sampling.max_new_tokens=8",
+                 "--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.keep_ckpts=0"]
+    rl_batch = [f"--config.{stage}.rollout_batch_size=16", f"--config.{stage}.minibatch_size=8",
+                "--config.optim.lr=3e-4"]
+    return {
+        "grpo": common_rl + rl_batch + [f"--config.reward.model_from={runs.format('reward')}",
+                                        "--config.grpo.group_size=4", "--config.grpo.epochs=2"],
+        "rloo": common_rl + rl_batch + ["--config.reward.source=function",
+                                        "--config.reward.function=gptjax.seed_world.rewards:gold_reward",
+                                        "--config.rloo.k=4", "--config.rloo.loss=clipped"],
+        "dpo": [f"--config.train.init_from={runs.format('sft')}", "--config.train.seq_len=128",
+                f"--config.data.train_path={os.path.join(smoke, 'labels', 'rankings_train.jsonl')}",
+                "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.ckpt_every=2",
+                "--config.train.log_every=1", "--config.train.keep_ckpts=0", "--config.optim.lr=1e-4",
+                "--config.optim.warmup_steps=0"],
+        "rs": common_rl + [f"--config.reward.model_from={runs.format('reward')}", "--config.rs.rounds=2",
+                           "--config.rs.prompts_per_round=8", "--config.rs.samples_per_prompt=4",
+                           "--config.train.batch_size=8", "--config.train.log_every=1"],
+    }[stage]
+
+
+def _last_step(workdir) -> int:
+    return max((r["step"] for r in read_metrics(str(workdir))), default=0)
+
+
+def _deterministic_metrics(workdir) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/", "round/perf"))}
+            for r in read_metrics(str(workdir))]
+
+
+def _policy_arrays(workdir) -> dict:
+    step = max(finished_steps(workdir))
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    key = "policy_params" if "policy_params" in restored else "params"
+    return {k: np.asarray(v) for k, v in _flatten(restored[key]).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "dpo", "rs"])
+def test_new_stages_resume_bitwise_after_sigkill(stage, smoke_pipeline, setup):
+    root, _, env = setup
+    args = [f"--config=configs/{stage}.py", *_stage_args(smoke_pipeline, stage)]
+
+    def launch(workdir):
+        log = open(root / f"{stage}-{os.path.basename(workdir)}.log", "a")
+        return subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    reference, interrupted = root / f"{stage}-reference", root / f"{stage}-interrupted"
+    assert launch(reference).wait(timeout=600) == 0, open(root / f"{stage}-reference.log").read()[-3000:]
+    # Rejection sampling's rounds are its own checkpoints: kill it inside round 1's fine-tuning, after that run's
+    # first checkpoint; the others after their first checkpoint and a step beyond it.
+    inner = interrupted / "rounds" / "1" if stage == "rs" else interrupted
+    assert wait_then_kill(launch(interrupted), lambda: 2 in finished_steps(inner) and _last_step(inner) >= 3,
+                          poll=0.005)
+    assert max(finished_steps(interrupted)) < max(finished_steps(reference))
+    assert launch(interrupted).wait(timeout=600) == 0, open(root / f"{stage}-interrupted.log").read()[-3000:]
+    assert _deterministic_metrics(interrupted) == _deterministic_metrics(reference)
+    want, got = _policy_arrays(reference), _policy_arrays(interrupted)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

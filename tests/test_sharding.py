@@ -8,7 +8,10 @@ Reference: every program run on a one-device mesh (no partitioning). For the (da
 - one real pretraining step (``loop.make_train_step``: 2 accumulated microbatches, clipping, AdamW) and one
   PPO update (``ppo_loop.make_update_fn``) give the same new parameters, optimizer state and metrics;
 - the PPO rollout (``ppo_loop.make_experience_fn``: the KV-cache sampler, greedy, then policy/reference
-  log-probs, values, rewards and advantages) gives identical tokens and equal scores, and stays batch-sharded.
+  log-probs, values, rewards and advantages) gives identical tokens and equal scores, and stays batch-sharded;
+- on (2,2,2) and (1,8,1): the objectives of the stage-3 alternatives (GRPO's and RLOO's clipped and REINFORCE
+  losses, DPO's, rejection sampling's; the last two through the registry's ``objective`` hook), one GRPO and one
+  RLOO update of the shared RL loop without a value model, and one DPO (IPO) train step of the shared trainer.
 Golden shardings: the rules split each weight over the mesh axes they name. A checkpoint written on (2,2,2)
 restores on (1,8,1) and on one device with bitwise-equal state, in the target's shardings. Bad input (mesh
 size vs device count, an axis that does not divide the dimension it shards, an unknown logical axis) is one
@@ -24,6 +27,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -33,6 +37,8 @@ from gptjax import distributed, sharding
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, GPTConfig, ScoreModel
 from gptjax.sampling import SamplingConfig
+from gptjax.stages import dpo, grpo, registry, rloo
+from gptjax.stages.online import loop as online
 from gptjax.stages.ppo import objective as ppo_lib
 from gptjax.stages.ppo import loop as ppo_loop
 from gptjax.stages.pretrain import lm_loss
@@ -341,6 +347,117 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
             assert got.sharding.is_equivalent_to(want_sh, got.ndim)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), expected)
         assert restored.data_state == {"pos": 3}
+
+
+# --- the stage-3 alternatives: GRPO, RLOO, DPO, rejection sampling --------------------------------------------------
+
+NEW_MESHES = [(2, 2, 2), (1, 8, 1)]
+GROUP = 4
+GRPO_ALGO = grpo.algorithm(grpo.GRPOConfig(group_size=GROUP, rollout_batch_size=B, minibatch_size=B // 2, epochs=2),
+                           POLICY, T - PROMPT)
+RLOO_ALGO = rloo.algorithm(rloo.RLOOConfig(k=GROUP, rollout_batch_size=B, minibatch_size=B, loss="clipped"), POLICY)
+NEW_OBJECTIVES = ("grpo", "rloo", "rloo-reinforce", "dpo", "rs")
+
+
+def _policy_rollout_batch(rng):
+    """A critic-free minibatch: the PPO rollout's rows, reference log-probs, one advantage per response."""
+    r = _rollout_batch(rng)
+    response = r["response_mask"]
+    advantages = np.repeat(rng.normal(size=(B, 1)), T, 1).astype(np.float32) * response
+    ref = np.where(response, r["old_logprobs"] + rng.normal(0, 0.2, (B, T)), 0).astype(np.float32)
+    return {"tokens": r["tokens"], "valid": r["valid"], "response_mask": response,
+            "old_logprobs": r["old_logprobs"], "ref_logprobs": ref, "advantages": advantages}
+
+
+def _preference_batch(rng):
+    """A DPO batch: the ranking batch with response tokens after a prompt of 4 and reference sequence log-probs."""
+    r = _ranking_batch(rng)
+    return {**r, "response_mask": r["valid"] & (np.arange(T) >= 4),
+            "ref_logprobs": rng.normal(-3 * T, 2.0, (B, K)).astype(np.float32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _new_inputs():
+    rng = np.random.default_rng(11)
+    return {"policy": _policy_rollout_batch(rng), "preference": _preference_batch(rng)}
+
+
+def _stage_config(dpo_loss: str = "sigmoid") -> ml_collections.ConfigDict:
+    """What the DPO and rejection-sampling ``objective`` hooks read of a stage config."""
+    return ml_collections.ConfigDict({"train": common.train_config(), "dpo": {"beta": 0.1, "loss": dpo_loss}})
+
+
+def _new_objectives(gpt, lm, policy_batch, preference, rng):
+    """(loss, metrics), grads of each new stage's objective, through the registry where the stage has one."""
+    reinforce = rloo.algorithm(rloo.RLOOConfig(k=GROUP, rollout_batch_size=B, minibatch_size=B), POLICY).loss
+    dpo_loss = registry.get("dpo").objective(_stage_config(), POLICY)
+    rs_loss = registry.get("rs").objective(_stage_config(), POLICY)
+    grads = lambda fn: jax.value_and_grad(fn, has_aux=True)(gpt)  # noqa: E731
+    return {"grpo": grads(lambda p: GRPO_ALGO.loss(p, None, policy_batch, None)),
+            "rloo": grads(lambda p: RLOO_ALGO.loss(p, None, policy_batch, None)),
+            "rloo-reinforce": grads(lambda p: reinforce(p, None, policy_batch, None)),
+            "dpo": grads(lambda p: dpo_loss(p, preference, rng)),
+            "rs": grads(lambda p: rs_loss(p, lm, rng, deterministic=False))}
+
+
+@functools.lru_cache(maxsize=None)
+def _run_new(mesh_shape):
+    """The new stages' objectives, one GRPO and one RLOO update (no value model) and one DPO train step."""
+    mesh, x, y = _mesh(mesh_shape), _inputs(), _new_inputs()
+    (tx, schedule) = _optimizer(POLICY)
+    gpt_sh = sharding.logical_to_sharding(_boxed(POLICY), mesh)
+    train_sh = state_lib.state_shardings(_boxed(POLICY), tx, mesh)
+    rep, data = sharding.replicated(mesh), _batch_sharding(mesh)
+    rl_sh = online.RLState(step=rep, policy_params=train_sh.params, policy_opt=train_sh.opt_state,
+                           value_params=None, value_opt=None, kl=rep, rng=rep)
+    rl_state = online.RLState(step=jnp.zeros((), jnp.int32), policy_params=x["gpt"], policy_opt=tx.init(x["gpt"]),
+                              value_params=None, value_opt=None, kl=GRPO_ALGO.kl_controller.init(),
+                              rng=jax.random.key_data(jax.random.key(4)))
+    dpo_step = loop.make_train_step(registry.get("dpo").objective(_stage_config("ipo"), POLICY), tx, schedule,
+                                    train_sh.params)
+    updates = {"grpo": online.make_update_fn(GRPO_ALGO, tx, None), "rloo": online.make_update_fn(RLOO_ALGO, tx, None)}
+
+    def program(gpt, lm, policy_batch, preference, rl_state, train_state, key):
+        stacked = jax.tree.map(lambda a: a[None], preference)
+        return (_new_objectives(gpt, lm, policy_batch, preference, key),
+                {n: u(rl_state, policy_batch, None, key) for n, u in updates.items()},
+                dpo_step(train_state, stacked, jnp.int32(1)))
+
+    objectives_sh = {name: ((rep, rep), gpt_sh) for name in NEW_OBJECTIVES}
+    train_state = state_lib.new_state(x["gpt"], tx, jax.random.key(3))
+    with sharding.activate(mesh):
+        fn = JIT(program, in_shardings=(gpt_sh, data, data, data, rl_sh, train_sh, rep),
+                 out_shardings=(objectives_sh, {n: (rl_sh, rep) for n in updates}, (train_sh, rep)))
+        return jax.device_get(fn(x["gpt"], x["lm"], y["policy"], y["preference"], rl_state, train_state,
+                                 jax.random.key(5)))
+
+
+@needs_8
+@pytest.mark.parametrize("mesh_shape", NEW_MESHES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("stage", NEW_OBJECTIVES)
+def test_new_stage_objectives_match_one_device(stage, mesh_shape):
+    (loss, metrics), grads = _run_new(mesh_shape)[0][stage]
+    (ref_loss, ref_metrics), ref_grads = _run_new(None)[0][stage]
+    assert np.isfinite(ref_loss) and abs(float(loss) - float(ref_loss)) <= TOL
+    _assert_close(metrics, ref_metrics, f"{stage} metrics")
+    _assert_close(grads, ref_grads, f"{stage} grads")
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads)) > 100 * TOL  # not vacuous
+
+
+@needs_8
+@pytest.mark.parametrize("mesh_shape", NEW_MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_new_stage_updates_match_one_device(mesh_shape):
+    _, updates, dpo_step = _run_new(mesh_shape)
+    _, ref_updates, ref_dpo_step = _run_new(None)
+    for name in updates:
+        _assert_close(updates[name], ref_updates[name], f"{name} update")
+        moved = np.abs(updates[name][0].policy_params["decoder"]["wte"]["embedding"]
+                       - _inputs()["gpt"]["decoder"]["wte"]["embedding"])
+        assert moved.max() > 1e-4, name
+    _assert_close(dpo_step[0], ref_dpo_step[0], "dpo train state")
+    for name, value in dpo_step[1].items():  # IPO's squared margins: losses and gradient norms in the hundreds
+        np.testing.assert_allclose(value, ref_dpo_step[1][name], rtol=1e-6, atol=TOL, err_msg=f"dpo {name}")
+    assert int(dpo_step[0].step) == 1
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

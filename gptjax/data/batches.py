@@ -74,6 +74,37 @@ ROLLOUT_BATCH = Contract("rollout", (
        "may add 'ptx', an LM batch of pretraining data (PPO-ptx).")
 
 
+SAMPLED_ROLLOUT = Contract("sampled rollout", (
+    Field("tokens", "BT", "int32", doc="left-padded prompt, then the sampled response, right-padded"),
+    Field("valid", "BT", "bool", doc="real tokens of each row"),
+    Field("response_mask", "BT", "bool", doc="response (action) tokens, EOS included"),
+    Field("finished", "B", "bool", doc="the response ended with EOS within the length budget"),
+    Field("old_logprobs", "BT", "float32", doc="log π of each token under the sampling policy"),
+    Field("ref_logprobs", "BT", "float32", doc="log π_ref of each token under the frozen reference"),
+    Field("old_values", "BT", "float32", required=False, doc="value before each token (algorithms with a critic)"),
+), doc="The shared RL loop's rollout before scoring (stages/online/loop.py): what an algorithm's advantage "
+       "function reads, with the reward of each row.")
+
+POLICY_ROLLOUT_BATCH = Contract("policy rollout", (
+    Field("tokens", "BT", "int32", doc="left-padded prompt, then the sampled response, right-padded"),
+    Field("valid", "BT", "bool", doc="real tokens of each row"),
+    Field("response_mask", "BT", "bool", doc="response (action) tokens, EOS included"),
+    Field("old_logprobs", "BT", "float32", doc="log π of each token under the sampling policy"),
+    Field("ref_logprobs", "BT", "float32", doc="log π_ref of each token (GRPO's KL term)"),
+    Field("advantages", "BT", "float32", doc="the row's sequence advantage on each response token, 0 elsewhere"),
+), doc="Critic-free RL (GRPO, RLOO): one rollout batch and each minibatch sliced from it; a minibatch may add "
+       "'ptx', an LM batch of pretraining data.")
+
+PREFERENCE_BATCH = Contract("preference", (
+    Field("tokens", "BKT", "int32", doc="prompt + response k of each prompt, right-padded"),
+    Field("valid", "BKT", "bool", doc="real tokens of each row"),
+    Field("response_mask", "BKT", "bool", doc="response tokens (EOS included): the tokens whose log-probs count"),
+    Field("num_ranked", "B", "int32", doc="responses 0..n-1 are ranked best to worst; slots k >= n are unused"),
+    Field("ref_logprobs", "BK", "float32", doc="Σ over response k's tokens of log π_ref (the frozen reference)"),
+), doc="DPO / IPO: K ranked responses to one prompt, every ranked pair a preference, with the reference's sequence "
+       "log-probs (post_training.preference_examples, stages/dpo.py).")
+
+
 def check(batch: Mapping[str, Any], contract: Contract, where: str) -> None:
     """Raise one BatchError naming the missing or malformed field when ``batch`` does not hold ``contract``.
 

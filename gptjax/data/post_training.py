@@ -15,7 +15,8 @@ DataFormatError naming its file:line (or "record i") and what to fix.
 
 Batches follow gptjax/data/batches.py: SFT gives LM batches (B, T) with several conversations packed per row (greedy
 first-fit; segment ids and positions restart per conversation, so attention never crosses conversations) and loss
-weights on assistant tokens only; rankings give (B, K, T) token/valid arrays plus `num_ranked` (B,).
+weights on assistant tokens only; rankings give (B, K, T) token/valid arrays plus `num_ranked` (B,), and for a
+preference objective (DPO) also the response tokens' mask (`preference_examples`).
 """
 
 from __future__ import annotations
@@ -318,13 +319,8 @@ def sft_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, see
 # Rankings (reward model)
 
 
-def ranking_examples(source: Source, tokenizer, seq_len: int, *,
-                     num_slots: int | None = None) -> dict[str, np.ndarray]:
-    """All rankings as arrays: tokens (N, K, T) int32, valid (N, K, T) bool, num_ranked (N,) int32.
-
-    Slot k holds render_prompt(prompt) + response k + EOS, right-padded with pad_id to T = seq_len; slots past
-    num_ranked are all padding. K = num_slots, by default the largest K in the data.
-    """
+def _rendered_rankings(source: Source, tokenizer, seq_len: int) -> list[tuple[str, int, list[np.ndarray]]]:
+    """(where, prompt tokens, [prompt + response k + EOS for each ranked response]) of every ranking."""
     items = []
     for where, record in iter_records(source):
         prompt, responses = parse_ranking(where, record)
@@ -336,23 +332,49 @@ def ranking_examples(source: Source, tokenizer, seq_len: int, *,
                 raise DataFormatError(f"{where}: prompt + response {k} is {len(tokens)} tokens > seq_len "
                                       f"{seq_len}; shorten it or raise seq_len")
             sequences.append(tokens)
-        items.append((where, sequences))
+        items.append((where, len(prompt_tokens), sequences))
     if not items:
         raise DataFormatError(f"{source}: no rankings found")
-    most = max(len(s) for _, s in items)
+    return items
+
+
+def _ranking_arrays(items, tokenizer, seq_len: int, num_slots: int | None) -> dict[str, np.ndarray]:
+    """tokens, valid, response_mask (N, K, T) and num_ranked (N,) of rendered rankings, K = num_slots."""
+    most = max(len(s) for _, _, s in items)
     num_slots = most if num_slots is None else num_slots
     if num_slots < most:
-        where = next(w for w, s in items if len(s) == most)
+        where = next(w for w, _, s in items if len(s) == most)
         raise DataFormatError(f"{where}: ranks {most} responses but num_slots is {num_slots}; raise num_slots "
                               f"(<= {MAX_RANKED})")
     tokens_NKT = np.full((len(items), num_slots, seq_len), tokenizer.pad_id, np.int32)
     valid_NKT = np.zeros((len(items), num_slots, seq_len), bool)
-    for i, (_, sequences) in enumerate(items):
+    response_NKT = np.zeros((len(items), num_slots, seq_len), bool)
+    for i, (_, prompt_len, sequences) in enumerate(items):
         for k, seq in enumerate(sequences):
             tokens_NKT[i, k, :len(seq)] = seq
             valid_NKT[i, k, :len(seq)] = True
-    num_ranked_N = np.array([len(s) for _, s in items], np.int32)
-    return {"tokens": tokens_NKT, "valid": valid_NKT, "num_ranked": num_ranked_N}
+            response_NKT[i, k, prompt_len:len(seq)] = True
+    num_ranked_N = np.array([len(s) for _, _, s in items], np.int32)
+    return {"tokens": tokens_NKT, "valid": valid_NKT, "response_mask": response_NKT, "num_ranked": num_ranked_N}
+
+
+def ranking_examples(source: Source, tokenizer, seq_len: int, *,
+                     num_slots: int | None = None) -> dict[str, np.ndarray]:
+    """All rankings as arrays: tokens (N, K, T) int32, valid (N, K, T) bool, num_ranked (N,) int32.
+
+    Slot k holds render_prompt(prompt) + response k + EOS, right-padded with pad_id to T = seq_len; slots past
+    num_ranked are all padding. K = num_slots, by default the largest K in the data.
+    """
+    arrays = _ranking_arrays(_rendered_rankings(source, tokenizer, seq_len), tokenizer, seq_len, num_slots)
+    del arrays["response_mask"]
+    return arrays
+
+
+def preference_examples(source: Source, tokenizer, seq_len: int, *,
+                        num_slots: int | None = None) -> dict[str, np.ndarray]:
+    """The rankings as ``ranking_examples`` gives them plus ``response_mask`` (N, K, T): the response's tokens (its
+    EOS included) in each slot, the tokens whose log-probs a preference objective (DPO) sums."""
+    return _ranking_arrays(_rendered_rankings(source, tokenizer, seq_len), tokenizer, seq_len, num_slots)
 
 
 def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,

@@ -41,7 +41,8 @@ from gptjax.train import workdir as workdir_lib
 ROLES = ("policy", "reward", "value", "model")
 # Built-in stages, in the order they run in the InstructGPT recipe: name -> the module that registers it.
 BUILTIN = {"pretrain": "gptjax.stages.pretrain", "sft": "gptjax.stages.sft", "reward": "gptjax.stages.reward",
-           "ppo": "gptjax.stages.ppo.stage"}
+           "ppo": "gptjax.stages.ppo.stage", "grpo": "gptjax.stages.grpo", "rloo": "gptjax.stages.rloo",
+           "dpo": "gptjax.stages.dpo", "rs": "gptjax.stages.rejection_sampling"}
 
 
 @dataclasses.dataclass(frozen=True)

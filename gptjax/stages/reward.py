@@ -41,7 +41,7 @@ REWARD_BIAS_FILE = "reward_bias.json"  # in the run's workdir: the demonstration
 
 Array = jax.Array
 
-def _ranked_pairs_BKK(num_ranked_B, K: int) -> Array:
+def ranked_pairs_BKK(num_ranked_B, K: int) -> Array:
     """pairs[b, i, j]: response i is ranked above response j and both are among the first num_ranked[b]."""
     i_K1, j_1K = jnp.arange(K)[:, None], jnp.arange(K)[None, :]
     return (i_K1 < j_1K)[None] & (j_1K[None] < num_ranked_B[:, None, None])
@@ -52,7 +52,7 @@ def ranking_loss(scores_BK, num_ranked_B) -> Array:
     K = scores_BK.shape[1]
     if K < 2:
         raise ValueError(f"ranking_loss: need K >= 2 responses per prompt, got scores of shape {scores_BK.shape}")
-    pairs_BKK = _ranked_pairs_BKK(num_ranked_B, K)
+    pairs_BKK = ranked_pairs_BKK(num_ranked_B, K)
     margins_BKK = scores_BK[:, :, None] - scores_BK[:, None, :]
     n_B = num_ranked_B.astype(jnp.float32)
     num_pairs_B = jnp.maximum(n_B * (n_B - 1) / 2, 1.0)
@@ -62,7 +62,7 @@ def ranking_loss(scores_BK, num_ranked_B) -> Array:
 
 def pairwise_accuracy(scores_BK, num_ranked_B) -> Array:
     """Fraction of all ranked pairs in the batch whose better response scores strictly higher."""
-    pairs_BKK = _ranked_pairs_BKK(num_ranked_B, scores_BK.shape[1])
+    pairs_BKK = ranked_pairs_BKK(num_ranked_B, scores_BK.shape[1])
     correct_BKK = scores_BK[:, :, None] > scores_BK[:, None, :]
     return jnp.sum(pairs_BKK & correct_BKK) / jnp.maximum(jnp.sum(pairs_BKK), 1)
 

@@ -1,6 +1,7 @@
-"""Small pure functions of the RLHF stages: padded-sequence layout, GAE, whitening, KL controllers, per-token rewards.
+"""Small pure functions of the RLHF stages: padded-sequence layout, per-token log-probs and values of full rows, GAE,
+whitening, KL controllers, per-token rewards (PPO) and sequence rewards (GRPO, RLOO).
 
-Conventions (shared with ``stages/ppo/objective.py`` and ``stages/reward.py``):
+Conventions (shared with the RL objectives, ``stages/reward.py`` and ``stages/dpo.py``):
 
 * A rollout row is prompt + response in one (B, T) array. Prompts may be left-padded and responses right-padded
   after EOS; ``valid_BT`` marks real tokens, ``mask_BT`` marks response (action) tokens, EOS included.
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.errors import ConfigError
-from gptjax.model import last_valid_index
+from gptjax.model import GPT, ScoreModel, last_valid_index
+from gptjax.stages.pretrain import token_stats_of
 
 Array = jax.Array
 
@@ -38,6 +40,33 @@ def positions_and_segments(valid_BT) -> tuple[Array, Array]:
     valid_BT = valid_BT.astype(bool)
     positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0).astype(jnp.int32)
     return positions_BT, valid_BT.astype(jnp.int32)
+
+
+# --- Per-token quantities of full rows ----------------------------------------------------------------------------
+
+def _align_to_tokens(x_BT):
+    """Move a quantity computed at position t−1 (about token t) to column t; column 0 (no prediction) is 0."""
+    return jnp.pad(x_BT[:, :-1], ((0, 0), (1, 0)))
+
+
+def sequence_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: float = 1.0, loss_chunk: int = 0,
+                      with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """log π(token_t | tokens_<t) for every column t (0 in column 0), and optionally the entropy of that
+    next-token distribution; both float32 (B, T). Mask with the response mask to keep actions only."""
+    positions_BT, segment_ids_BT = positions_and_segments(valid_BT)
+    next_tokens_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))  # the last position predicts nothing we keep
+    stats = token_stats_of(params, tokens_BT, next_tokens_BT, model=model, positions_BT=positions_BT,
+                           segment_ids_BT=segment_ids_BT, deterministic=True, loss_chunk=loss_chunk,
+                           temperature=temperature, with_entropy=with_entropy)
+    entropy_BT = _align_to_tokens(stats.entropy_BT) if with_entropy else None
+    return _align_to_tokens(stats.logprob_BT), entropy_BT
+
+
+def sequence_values(params, tokens_BT, valid_BT, *, model: ScoreModel) -> Array:
+    """V(state before token t) for every column t: the value head's output at position t−1. float32 (B, T)."""
+    positions_BT, segment_ids_BT = positions_and_segments(valid_BT)
+    scores_BT = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, deterministic=True)
+    return _align_to_tokens(scores_BT)
 
 
 # --- Advantages ---------------------------------------------------------------------------------------------------
@@ -176,3 +205,40 @@ def per_token_rewards(score_B, logprobs_BT, ref_logprobs_BT, mask_BT, kl_coef, n
     at_last_BT = jax.nn.one_hot(last_B, mask_BT.shape[1], dtype=jnp.float32) * has_response_B[:, None]
     rewards_BT = -kl_coef * kl_BT + score_B[:, None] * at_last_BT
     return rewards_BT, kl_BT
+
+
+# --- Sequence-level rewards (critic-free RL: GRPO, RLOO) -----------------------------------------------------------
+
+def sequence_rewards(scores_B, logprobs_BT, ref_logprobs_BT, mask_BT, finished_B, kl_coef, *, no_eos_penalty,
+                     score_clip: float = 0.0) -> tuple[Array, Array, Array]:
+    """(reward, score, kl) per response: the score clipped to ±``score_clip`` (0: off) and replaced by
+    ``no_eos_penalty`` where the response has no EOS (None: kept, as in ``per_token_rewards``); kl = Σ over the
+    response of log π − log π_ref (the sampling policy's log-probs); reward = score − kl_coef · kl."""
+    scores_B = scores_B.astype(jnp.float32)
+    if score_clip:
+        scores_B = jnp.clip(scores_B, -score_clip, score_clip)
+    if no_eos_penalty is not None:
+        scores_B = jnp.where(finished_B, scores_B, jnp.float32(no_eos_penalty))
+    kl_B = jnp.sum((logprobs_BT - ref_logprobs_BT).astype(jnp.float32) * mask_BT.astype(jnp.float32), axis=1)
+    return scores_B - kl_coef * kl_B, scores_B, kl_B
+
+
+def group_rollout_metrics(rewards_B, scores_B, kl_B, mask_BT, finished_B, group_size: int) -> dict[str, Array]:
+    """The rollout metrics of a batch of groups (``group_size`` consecutive rows answer one prompt): ``score``,
+    ``kl``, ``reward`` (per response), ``response_length``, ``eos_rate``, ``group_reward_std`` and
+    ``zero_std_groups`` (the share of groups whose rewards are all equal: they carry no learning signal)."""
+    r_NG = rewards_B.reshape(-1, group_size)
+    return {"score": jnp.mean(scores_B), "kl": jnp.mean(kl_B), "reward": jnp.mean(rewards_B),
+            "response_length": jnp.mean(jnp.sum(mask_BT.astype(jnp.float32), axis=1)),
+            "eos_rate": jnp.mean(finished_B.astype(jnp.float32)),
+            "group_reward_std": jnp.mean(jnp.std(r_NG, axis=1)),
+            "zero_std_groups": jnp.mean((jnp.max(r_NG, axis=1) == jnp.min(r_NG, axis=1)).astype(jnp.float32))}
+
+
+def policy_batch(rollout, advantages_B) -> dict:
+    """The critic-free rollout batch (``batches.POLICY_ROLLOUT_BATCH``) of a sampled rollout: each response's
+    sequence advantage on every one of its tokens."""
+    mask_BT = rollout["response_mask"].astype(jnp.float32)
+    return {"tokens": rollout["tokens"], "valid": rollout["valid"], "response_mask": rollout["response_mask"],
+            "old_logprobs": rollout["old_logprobs"], "ref_logprobs": rollout["ref_logprobs"],
+            "advantages": advantages_B.astype(jnp.float32)[:, None] * mask_BT}

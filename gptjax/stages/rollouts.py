@@ -103,6 +103,12 @@ class RolloutEngine:
         return self.sequence_logprobs(params, rollouts) - self.sequence_logprobs(ref_params, rollouts)
 
 
+def response_texts(tokenizer: Tokenizer, tokens_BT, response_mask_BT) -> list[str]:
+    """Each row's response as text (special tokens such as EOS dropped, surrounding whitespace stripped)."""
+    tokens_BT, mask_BT = np.asarray(tokens_BT), np.asarray(response_mask_BT, bool)
+    return [tokenizer.decode(row[mask].tolist()).strip() for row, mask in zip(tokens_BT, mask_BT)]
+
+
 def render_prompts(texts: Sequence[str], tokenizer: Tokenizer, chat_format: bool) -> list[list[int]]:
     """Chat stages answer a user turn; a pretrained model continues raw text after an EOS (a fresh document)."""
     if chat_format:

@@ -1,10 +1,8 @@
 """Stage 3 objective: PPO(-ptx) on rollouts of the policy (InstructGPT §3.5; Huang et al. 2024 for the details).
 
-Pieces, each a pure function the PPO loop jits:
+Pieces, each a pure function the RL loop jits (``sequence_logprobs`` / ``sequence_values``, the per-token passes over
+full prompt+response rows, live in ``stages/rl.py`` and are re-exported here):
 
-* ``sequence_logprobs`` / ``sequence_values`` — one forward pass over full prompt+response rows; outputs aligned
-  with the tokens (column t is about choosing token t: the logit at t−1 predicts token t, and the value at t−1
-  is the value of the state before it). Padding side does not matter (``rl.positions_and_segments``).
 * ``compute_advantages`` — rollout → per-token rewards (RM score at EOS, −β·KL per token, no-EOS penalty),
   optional reward whitening, GAE, advantage whitening, and the rollout metrics.
 * ``ppo_policy_loss`` (clipped surrogate, via ``rlax.clipped_surrogate_pg_loss``), ``ppo_value_loss`` (clipped
@@ -27,7 +25,8 @@ from gptjax.data import batches
 from gptjax.errors import ConfigError, dataclass_from_dict
 from gptjax.model import GPT, ScoreModel
 from gptjax.stages import rl
-from gptjax.stages.pretrain import lm_loss, token_stats_of
+from gptjax.stages.pretrain import lm_loss
+from gptjax.stages.rl import sequence_logprobs, sequence_values  # noqa: F401  (re-exported: PPO's per-token passes)
 
 Array = jax.Array
 
@@ -81,33 +80,6 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "PPOConfig":
         return dataclass_from_dict(cls, fields, "ppo")
-
-
-# --- Per-token quantities of full rows ----------------------------------------------------------------------------
-
-def _align_to_tokens(x_BT):
-    """Move a quantity computed at position t−1 (about token t) to column t; column 0 (no prediction) is 0."""
-    return jnp.pad(x_BT[:, :-1], ((0, 0), (1, 0)))
-
-
-def sequence_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: float = 1.0, loss_chunk: int = 0,
-                      with_entropy: bool = False) -> tuple[Array, Array | None]:
-    """log π(token_t | tokens_<t) for every column t (0 in column 0), and optionally the entropy of that
-    next-token distribution; both float32 (B, T). Mask with the response mask to keep actions only."""
-    positions_BT, segment_ids_BT = rl.positions_and_segments(valid_BT)
-    next_tokens_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))  # the last position predicts nothing we keep
-    stats = token_stats_of(params, tokens_BT, next_tokens_BT, model=model, positions_BT=positions_BT,
-                           segment_ids_BT=segment_ids_BT, deterministic=True, loss_chunk=loss_chunk,
-                           temperature=temperature, with_entropy=with_entropy)
-    entropy_BT = _align_to_tokens(stats.entropy_BT) if with_entropy else None
-    return _align_to_tokens(stats.logprob_BT), entropy_BT
-
-
-def sequence_values(params, tokens_BT, valid_BT, *, model: ScoreModel) -> Array:
-    """V(state before token t) for every column t: the value head's output at position t−1. float32 (B, T)."""
-    positions_BT, segment_ids_BT = rl.positions_and_segments(valid_BT)
-    scores_BT = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, deterministic=True)
-    return _align_to_tokens(scores_BT)
 
 
 # --- Rollout -> advantages ----------------------------------------------------------------------------------------
