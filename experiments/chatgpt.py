@@ -33,7 +33,7 @@ def main(argv):
         workdir = _WORKDIR.value if len(seeds) == 1 else os.path.join(_WORKDIR.value, f"seed{seed}")
         results = pipeline.run_pipeline(seed_cfg, workdir)
         print(f"\n=== seed {seed} ({results['timings_s']['total']:.0f} s) ===")
-        print(tables.format_table(results))
+        print(tables.format_report(results))
         all_results.append(results)
     if len(seeds) > 1:
         summary = tables.summarize_seeds(all_results)
