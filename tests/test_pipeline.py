@@ -167,3 +167,15 @@ def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
         assert table[f"{cls}/accuracy_se"] == pytest.approx(np.std(means, ddof=1) / np.sqrt(len(means)), abs=1e-12)
     balanced = np.mean([table[f"{c}/accuracy"] for c in ("prime", "easy", "hard")])
     assert table["balanced_accuracy"] == pytest.approx(balanced, abs=1e-12)
+
+
+def test_runs_load_from_relative_workdirs(smoke, monkeypatch):
+    """Binaries take workdirs as the user types them: a path relative to the current directory loads the same
+    policy as its absolute form (orbax itself reads absolute paths only)."""
+    workdir, _, _ = smoke
+    monkeypatch.chdir(os.path.dirname(workdir))
+    relative = os.path.join(os.path.basename(workdir), "ppo")
+    _, params, _, stage = registry.load_policy(relative)
+    _, expected, _, _ = registry.load_policy(os.path.join(workdir, "ppo"))
+    assert stage == "ppo"
+    _params_close(params, expected, atol=0.0)
