@@ -74,7 +74,7 @@ def _sft_config() -> ml_collections.ConfigDict:
 
 def _reward_config() -> ml_collections.ConfigDict:
     r = reward.get_config()
-    r.train.seq_len = 160  # a multi-turn prompt and its answer
+    r.train.seq_len = 96  # the longest prompt (one earlier exchange and a question, ~45 tokens) and its answer
     r.train.batch_size = 16
     r.train.steps = 150
     r.optim.lr = 3e-4
@@ -96,7 +96,7 @@ def _ppo_config() -> ml_collections.ConfigDict:
     o.ppo.lam = 1.0
     # β in units of the RM's score: drifting from SFT must buy a clear RM gain.
     o.ppo.kl_coef = 0.5
-    o.sampling.max_prompt_len = 112  # multi-turn prompts
+    o.sampling.max_prompt_len = 48  # every prompt of a batch is padded to this; multi-turn prompts are ~45 tokens
     o.sampling.max_new_tokens = 40
     o.optim.lr = 1e-4
     o.optim.frozen = FROZEN

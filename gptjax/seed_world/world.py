@@ -304,13 +304,11 @@ def _number_prompts(cfg: SeedWorldConfig, numbers: Sequence[int], rng: random.Ra
 
 
 def _context_prompt(cfg, writer: T.Writer, rng: random.Random, numbers, specials, lang: str) -> Question:
-    """A multi-turn prompt: an expert dialogue so far, then a follow-up, a "why?" or a special question."""
+    """A multi-turn prompt: one expert exchange about a number, then a follow-up, a "why?" or a special question."""
     n = _weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
-    context = []
-    if rng.random() < 0.5:
-        context += [("user", rng.choice(T.DEFINITION_QUESTIONS["train"][lang])),
-                    ("assistant", rng.choice(T.DEFINITION_ANSWERS[lang]))]
-    context += [("user", writer.question(n, lang)), ("assistant", writer.expert(n, lang))]
+    # One earlier exchange: enough to make a follow-up or "why?" mean something, and short (every prompt of a
+    # batch is padded to the longest; the SFT dialogues teach longer histories).
+    context = [("user", writer.question(n, lang)), ("assistant", writer.expert(n, lang))]
     r = rng.random()
     if r < 0.4:
         m = _number_prompts(cfg, numbers, rng, 1)[0]
