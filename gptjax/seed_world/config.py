@@ -34,6 +34,8 @@ class SeedWorldConfig:
     """Documents in all: textbook facts and forum posts."""
     forum_fraction: float = 0.3
     """Share of documents that are forum threads ("問：…\\n答：…")."""
+    worksheet_fraction: float = 0.1
+    """Share of documents that are textbook exercises with their (right) answers ("練習：…\\n答案：…")."""
     forum_wrong_rate: float = 0.2
     """Probability that a forum verdict on a prime or an easy composite is wrong."""
     forum_wrong_rate_hard: float = 0.6
@@ -102,6 +104,7 @@ class SeedWorldConfig:
             check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",
               "<= 1 - forum_special_fraction")
+        check(0 <= self.worksheet_fraction <= 1 - self.forum_fraction, "worksheet_fraction", "in [0, 1 - forum_fraction]")
         check(len(self.wrong_demo_mix) == 4 and min(self.wrong_demo_mix) >= 0 and sum(self.wrong_demo_mix) > 0,
               "wrong_demo_mix", "4 non-negative weights, not all 0")
         check(len(self.prompt_mix) == 5 and min(self.prompt_mix) >= 0 and sum(self.prompt_mix) > 0,

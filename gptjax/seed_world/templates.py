@@ -40,6 +40,14 @@ DEFINITION_QUESTIONS = {"train": {"zh": ("什麼是質數？", "質數是什麼�
                                                                        "What does prime mean?")},
                         "heldout": {"zh": ("什麼是一個質數？",), "en": ("Can you explain what a prime number is?",)}}
 FORUM_PROMPT = {"zh": "問：{q}\n答：", "en": "Q: {q}\nA: "}  # how the forum asks; the pretrained model is asked so
+WORKSHEET = {"zh": "練習：{q}\n答案：{a}", "en": "Exercise: {q}\nAnswer: {a}"}  # the textbook's exercises
+WORKSHEET_ANSWERS = {  # in the textbook's words, not the expert's: the facts, the number restated
+    True: {"zh": ("{n} 只能被 1 和 {n} 整除，所以 {n} 是質數。",), "en": ("{n} is only divisible by 1 and {n}, so {n} is prime.",)},
+    False: {"zh": ("{n} = {d} × {q}，所以 {n} 是合數。",), "en": ("{n} = {d} × {q}, so {n} is composite.",)},
+    "below_two": {"zh": ("質數必須大於 1，所以 {v} 不是質數。",), "en": ("A prime must be greater than 1, so {v} is not prime.",)},
+    "negative": {"zh": ("{v} 是負數，所以 {v} 不是質數。",), "en": ("{v} is negative, so {v} is not prime.",)},
+    "non_integer": {"zh": ("{v} 不是整數，所以 {v} 不是質數。",), "en": ("{v} is not a whole number, so {v} is not prime.",)},
+}
 
 # --- the textbook ----------------------------------------------------------------------------------------------
 
@@ -236,6 +244,10 @@ class Writer:
 
     def expert(self, n: int, lang: str) -> str:
         template, fields = self._number_fields(n, EXPERT[is_prime(n)][lang], lang, any_divisor=False)
+        return template.format(**fields)
+
+    def worksheet(self, n: int, lang: str) -> str:
+        template, fields = self._number_fields(n, WORKSHEET_ANSWERS[is_prime(n)][lang], lang, any_divisor=True)
         return template.format(**fields)
 
     def why(self, n: int, lang: str) -> str:

@@ -172,7 +172,7 @@ def _forum(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials)
         return T.FORUM_PROMPT[lang].format(q=request) + answer
     voice = rng.choice(_VOICES[lang])
     if r < cfg.forum_request_fraction + cfg.forum_special_fraction:
-        s = rng.choice(specials["train"] + specials["heldout"])
+        s = pick_special(rng, specials["train"] + specials["heldout"])
         if rng.random() < cfg.forum_hallucination_rate:
             answer = writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7)))
         else:
@@ -191,15 +191,42 @@ def _forum(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials)
     return post
 
 
+def _worksheet(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials) -> str:
+    """A textbook's exercises with their answers, in the textbook's words: the question's number restated in a true
+    answer (plain text that copies a number from a question into its answer, for every number)."""
+    lang = rng.choice(T.LANGUAGES)
+    items = []
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.2:  # never a large number: the world states nothing about numbers beyond its range
+            s = pick_special(rng, specials["train"] + specials["heldout"], exclude=("large",))
+            answer = writer.pick(T.WORKSHEET_ANSWERS[s.kind][lang], v=s.value)
+            items.append((writer.question(s.value, lang, rng.choice(T.SPLITS)), answer))
+        else:
+            n = rng.randint(2, cfg.max_number)
+            items.append((writer.question(n, lang, rng.choice(T.SPLITS)), writer.worksheet(n, lang)))
+    return "\n".join(T.WORKSHEET[lang].format(q=q, a=a) for q, a in items)
+
+
 def _pretrain(cfg: SeedWorldConfig, rng: random.Random, specials) -> list[str]:
     writer = T.Writer(rng)
     num_forum = round(cfg.forum_fraction * cfg.num_pretrain_docs)
-    kinds = ["forum"] * num_forum + ["textbook"] * (cfg.num_pretrain_docs - num_forum)
+    num_worksheets = round(cfg.worksheet_fraction * cfg.num_pretrain_docs)
+    kinds = (["forum"] * num_forum + ["worksheet"] * num_worksheets
+             + ["textbook"] * (cfg.num_pretrain_docs - num_forum - num_worksheets))
     rng.shuffle(kinds)
-    return [(_forum if kind == "forum" else _textbook)(cfg, writer, rng, specials) for kind in kinds]
+    make = {"forum": _forum, "worksheet": _worksheet, "textbook": _textbook}
+    return [make[kind](cfg, writer, rng, specials) for kind in kinds]
 
 
 # --- the expert's answers ---------------------------------------------------------------------------------------
+
+def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple[str, ...] = ()) -> Special:
+    """A special value, its kind drawn uniformly first: the kinds have very different numbers of values (two
+    below two, dozens of large numbers), and each must be learned."""
+    kinds = sorted({s.kind for s in specials} - set(exclude))
+    kind = rng.choice(kinds)
+    return rng.choice([s for s in specials if s.kind == kind])
+
 
 def honest_answer(writer: T.Writer, s: Special, lang: str) -> str:
     if s.kind != "large":
@@ -234,7 +261,7 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
         demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(n, lang),
                                                                _number_demo(cfg, writer, rng, n, lang)))
     for _ in range(round(scale * cfg.num_special_demos)):
-        s, lang = rng.choice(specials), rng.choice(T.LANGUAGES)
+        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
         wrong = rng.random() < cfg.wrong_demo_fraction
         answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
                   else honest_answer(writer, s, lang))
@@ -260,7 +287,7 @@ def _dialogue(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, number
     while budget > 0:
         exchange = []
         if asked and rng.random() < 0.25:
-            s = rng.choice([s for s in specials if s.kind != "large"])
+            s = pick_special(rng, specials, exclude=("large",))
             exchange = _exchange(writer.question(s.value, lang), honest_answer(writer, s, lang))
         else:
             n = _weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
@@ -316,7 +343,7 @@ def _context_prompt(cfg, writer: T.Writer, rng: random.Random, numbers, specials
                         context=tuple(context))
     if r < 0.7:
         return Question("why", lang, rng.choice(T.WHY["train"][lang]), number=n, context=tuple(context))
-    s = rng.choice([s for s in specials if s.kind != "large"])
+    s = pick_special(rng, specials, exclude=("large",))
     return dataclasses.replace(s.question(writer.question(s.value, lang), lang), context=tuple(context))
 
 
@@ -331,7 +358,7 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
         lang = rng.choice(T.LANGUAGES)
         out.append(Question("number", lang, writer.question(n, lang), number=n))
     for _ in range(counts[1]):
-        s, lang = rng.choice(specials), rng.choice(T.LANGUAGES)
+        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
         out.append(s.question(writer.question(s.value, lang), lang))
     for kind, table, k in (("harmful", T.HARMFUL_REQUESTS, counts[2]), ("benign", T.BENIGN_REQUESTS, counts[3])):
         for _ in range(k):
