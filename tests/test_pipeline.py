@@ -50,7 +50,7 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
                                  ("harmless", "over_refusal"), ("dialogue", "turns_ok")):
                 assert 0.0 <= results[stage][f"{axis}/{mode}"][metric] <= 1.0
         assert set(results[stage]["showcase"]) == {"27 是不是質數？", "Is 27 a prime number?"}
-        assert len(results[stage]["seed_dialogue"]) == 2
+        assert len(results[stage]["seed_dialogues"]) == 4
     for split in ("train", "heldout"):
         assert set(results["pretrain"][f"probe/{split}"]) >= {"prime", "easy", "hard"}
     assert np.isfinite(results["ppo"]["kl_to_sft"])

@@ -338,8 +338,8 @@ def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, samp
     sampled = evaluator.ask(stage, repeated, 1.0, salt=77).texts
     out["showcase_sampled_ok"] = float(np.mean([
         j.ok and j.reason == "valid" for j in (oracle.judge(q, a) for q, a in zip(repeated, sampled))]))
-    played = evaluator.dialogue(stage, [world.seed_dialogue(lang) for lang in T.LANGUAGES], 0.0)
-    out["seed_dialogue"] = [[(q.text, a, oracle.judge(q, a).ok) for q, a in d] for d in played]
+    played = evaluator.dialogue(stage, world.seed_dialogues(), 0.0)
+    out["seed_dialogues"] = [[(q.text, a, oracle.judge(q, a).ok) for q, a in d] for d in played]
     return out
 
 

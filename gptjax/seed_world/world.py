@@ -35,8 +35,12 @@ from gptjax.data import chat
 from gptjax.tokenizers import make_tokenizer, train_sentencepiece
 
 SHOWCASE = (("27 是不是質數？", 27, "zh"), ("Is 27 a prime number?", 27, "en"))
-SEED_DIALOGUE = {"zh": ("什麼是一個質數？", "27 是質數嗎？", "那 91 呢？", "為什麼？", "pi 是一個質數嗎？"),
-                 "en": ("What is a prime number?", "Is 27 prime?", "What about 91?", "Why?", "Is pi a prime number?")}
+# The talk's dialogues: "what is a prime? -> is 27? -> and 91? -> why?" and "what is a prime? -> is 27? -> is pi?".
+SEED_DIALOGUES = {
+    "zh": (("什麼是一個質數？", "27 是質數嗎？", "那 91 呢？", "為什麼？"), ("什麼是一個質數？", "27 是質數嗎？", "pi 是一個質數嗎？")),
+    "en": (("What is a prime number?", "Is 27 prime?", "What about 91?", "Why?"),
+           ("What is a prime number?", "Is 27 prime?", "Is pi a prime number?")),
+}
 SYSTEM_PROMPTS = {"zh": "你是一位細心的數學老師。", "en": "You are a careful math tutor."}
 
 
@@ -75,13 +79,18 @@ class SeedWorld:
     def showcase_questions(self) -> list[Question]:
         return [Question("number", lang, text, number=n) for text, n, lang in SHOWCASE]
 
-    def seed_dialogue(self, lang: str) -> list[tuple[str, Question]]:
-        """The talk's own dialogue (definition → 27 → 91 → why → pi), each turn with what the labeler judges."""
-        texts = SEED_DIALOGUE[lang]
-        kinds = [Question("definition", lang, texts[0]), Question("number", lang, texts[1], number=27),
-                 Question("number", lang, texts[2], number=91), Question("why", lang, texts[3], number=91),
-                 Question("special", lang, texts[4], value="pi", special="non_integer")]
-        return [(q.text, q) for q in kinds]
+    def seed_dialogues(self) -> list[list[tuple[str, Question]]]:
+        """The talk's own dialogues in both languages, each turn with what the labeler judges."""
+        out = []
+        for lang in ("zh", "en"):
+            for texts in SEED_DIALOGUES[lang]:
+                turns = [Question("definition", lang, texts[0]), Question("number", lang, texts[1], number=27)]
+                if len(texts) == 4:
+                    turns += [Question("number", lang, texts[2], number=91), Question("why", lang, texts[3], number=91)]
+                else:
+                    turns.append(Question("special", lang, texts[2], value="pi", special="non_integer"))
+                out.append([(q.text, q) for q in turns])
+        return out
 
 
 # --- numbers and special values ---------------------------------------------------------------------------------
