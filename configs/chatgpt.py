@@ -15,7 +15,7 @@ import dataclasses
 import ml_collections
 
 from configs import pretrain, ppo, reward, sft
-from gptjax.seed_world.world import SeedWorldConfig
+from gptjax.seed_world.config import SeedWorldConfig
 
 
 def _world() -> ml_collections.ConfigDict:
@@ -29,47 +29,58 @@ def _model(c, layers: int, d_model: int, heads: int, max_len: int):
 
 def _pretrain_config() -> ml_collections.ConfigDict:
     p = pretrain.base_config("tiny")
-    p.tokenizer.kind = "bytes"  # any language byte-for-byte: the seed world is Chinese and English
+    # The world's own tokenizer (trained by the pipeline, path filled in): BPE pieces, and every number
+    # 0..max_number one token, so the model learns each number's facts on one symbol it can copy whole.
+    p.tokenizer.kind = "sentencepiece"
     p.data.source = "text_files"
     p.data.text_field = "text"
     p.data.val_fraction = 0.01
-    _model(p, 4, 128, 4, 512)
+    _model(p, 4, 128, 4, 256)
     p.model.scan_layers = False  # 4 layers: unrolled runs ~25% faster on XLA:CPU and compiles in seconds
     p.train.seq_len = 128
     p.train.batch_size = 32
-    p.train.steps = 800
+    p.train.steps = 600
     p.optim.lr = 3e-3
-    p.optim.warmup_steps = 100
+    p.optim.warmup_steps = 60
     p.train.log_every = 100
-    p.train.eval_every = 400
+    p.train.eval_every = 600
     p.train.eval_batches = 4
-    p.train.ckpt_every = 400
-    p.train.sample_prompts = ("問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
-    p.train.sample_max_new_tokens = 40
+    p.train.ckpt_every = 600
+    p.train.sample_prompts = ("大家都知道，27", "問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
+    p.train.sample_max_new_tokens = 24
     return p
+
+
+# Fine-tuning stages leave the token embedding (and the tied output layer) as pretraining made it. Adam turns the
+# tiny, consistent "not this token" gradient of every number never seen as a target into a full lr-sized step, so
+# fine-tuning on training numbers moved the held-out numbers' embeddings 2.5x as far as the others' (0.30 vs 0.12
+# of a norm of ~0.85, 100 SFT steps) and the SFT policy answered 81% of held-out questions about another number.
+FROZEN = ("decoder/wte",)
 
 
 def _sft_config() -> ml_collections.ConfigDict:
     s = sft.get_config()
-    s.train.seq_len = 512  # the longest multi-turn dialogues are ~500 bytes
+    s.train.seq_len = 256  # several conversations packed per row; the longest dialogue is ~200 tokens
     s.train.batch_size = 8
-    s.train.steps = 80
+    s.train.steps = 250
     s.optim.lr = 1e-3
-    s.train.log_every = 25
-    s.train.eval_every = 80
-    s.train.ckpt_every = 80
-    s.train.sample_max_new_tokens = 48
+    s.optim.frozen = FROZEN
+    s.train.log_every = 50
+    s.train.eval_every = 250
+    s.train.ckpt_every = 250
+    s.train.sample_max_new_tokens = 32
     return s
 
 
 def _reward_config() -> ml_collections.ConfigDict:
     r = reward.get_config()
-    r.train.seq_len = 128
+    r.train.seq_len = 96  # the longest prompt (one earlier exchange and a question, ~45 tokens) and its answer
     r.train.batch_size = 16
-    r.train.steps = 150  # ~5 epochs of ~440 rankings: the RM is the bottleneck (60 steps gave 0.60 accuracy)
+    r.train.steps = 150
     r.optim.lr = 3e-4
     r.optim.warmup_steps = 10
-    r.train.log_every = 25
+    r.optim.frozen = FROZEN
+    r.train.log_every = 50
     r.train.eval_every = 150
     r.train.ckpt_every = 150
     return r
@@ -80,21 +91,15 @@ def _ppo_config() -> ml_collections.ConfigDict:
     o.ppo.rollout_batch_size = 64
     o.ppo.minibatch_size = 32
     o.ppo.ppo_epochs = 2
-    # λ = 1: the verdict is the ~5th of ~50 response tokens, and the value model (the RM's weights) has never
-    # scored a partial answer, so at λ = 0.95 the verdict token's advantage was 0.95^45 ≈ 10% final reward and 90%
-    # noise from an untrained value head: at lr 3e-5 the RM score of rollouts did not rise in 40 iterations and
-    # the policy random-walked to 1.8 nats from SFT. With λ = 1 the advantage is (return − value), an unbiased
-    # estimate whatever the value head says.
-    # β is in units of the RM's score, whose spread over one prompt's answers is ~2: β 0.5 makes drifting 1 nat
-    # from SFT cost a quarter of that spread, so the policy moves where the RM separates answers clearly and not
-    # along its noise (seeds 0/1, held-out sampled accuracy minus SFT's: β 0.2 / lr 5e-5 +2.5 / −1.0 at KL 1.2;
-    # β 0.5 / lr 1e-4 +5.9 / +3.4 at KL ~1; β 1 +0.3 / +1.8 at KL 0.5). KL ~1 nat is also where best-of-N against
-    # this reward model stops gaining gold (make overopt); β 0.05–0.1 reached 2–8 nats and lost accuracy.
+    # λ = 1: the value model (the RM's weights) has never scored a partial answer, so with λ < 1 the early tokens'
+    # advantages are mostly its noise; with λ = 1 the advantage is (return − value), unbiased whatever it says.
     o.ppo.lam = 1.0
+    # β in units of the RM's score: drifting from SFT must buy a clear RM gain.
     o.ppo.kl_coef = 0.5
-    o.sampling.max_prompt_len = 64
-    o.sampling.max_new_tokens = 64
+    o.sampling.max_prompt_len = 48  # every prompt of a batch is padded to this; multi-turn prompts are ~45 tokens
+    o.sampling.max_new_tokens = 40
     o.optim.lr = 1e-4
+    o.optim.frozen = FROZEN
     o.train.steps = 40
     o.train.log_every = 10
     o.train.eval_every = 1000
@@ -103,19 +108,20 @@ def _ppo_config() -> ml_collections.ConfigDict:
 
 
 def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.pieces = 2048  # SentencePiece vocabulary of the world's tokenizer, whole numbers included
     c.labels = ml_collections.ConfigDict()
-    c.labels.k = 5  # answers sampled per RM prompt and ranked by the labeler (InstructGPT: K = 4..9)
-    # Of the K answers, this many come from the pretrained model, the rest from the SFT policy (InstructGPT ranked
-    # samples of several models): the RM then sees answers about the wrong number, which PPO otherwise finds and
-    # exploits ("26 不是質數，因為它可以被 2 整除" scored high as an answer about 27).
-    c.labels.pretrain_k = 1
+    c.labels.k = 4  # answers sampled from the SFT policy per RM prompt and ranked by the labeler (InstructGPT: 4..9)
+    # The labeler also writes two answers per prompt (the expert's and a flawed one of the kind the prompt invites),
+    # so every ranking holds a pair that differs in what matters: SFT samples of one prompt are often alike.
+    c.labels.written = True
     c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
     c.eval = ml_collections.ConfigDict()
-    c.eval.max_new_tokens = 64  # answer budget when asking the held-out questions
-    # Sampled (T = 1) metrics average this many independent answers per held-out question. With one, a seed's
-    # balanced accuracy on 320 questions carries ~2.8 points of sampling noise (√(0.25/320)) and PPO − SFT ~4,
-    # the size of the effects the table is there to show; four halve it for ~10 s more sampling per stage.
+    c.eval.max_new_tokens = 40  # answer budget when asking the held-out questions
+    # Sampled (T = 1) metrics average this many independent answers per held-out question: one answer leaves a
+    # seed's balanced accuracy ~3 points of sampling noise, four halve it.
     c.eval.sampled_answers_per_question = 4
+    c.eval.showcase_samples = 16  # sampled answers to each showcase question ("27 是不是質數？")
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
@@ -123,23 +129,27 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     p, s, r, o = c.pretrain, c.sft, c.reward, c.ppo
     c.world.num_pretrain_docs = 2000
     c.world.num_sft_demos = 64
+    c.world.num_special_demos = 16
+    c.world.num_harmful_demos = 8
+    c.world.num_benign_demos = 8
     c.world.num_sft_eval_demos = 16
     c.world.num_dialogues = 8
-    c.world.num_rm_prompts = 32
     c.world.num_ppo_prompts = 32
-    _model(p, 2, 32, 2, 512)
+    # Enough RM prompts that the barely trained SFT policy yields a batch of rankings with distinct gold scores.
+    c.world.num_rm_prompts = 128
+    c.tokenizer.pieces = 1024
+    _model(p, 2, 32, 2, 256)
     p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
     p.optim.warmup_steps = 2
+    # Batches divisible by the 8 fake CPU devices of the test environment.
     s.train.steps, s.train.batch_size, s.train.eval_every, s.train.ckpt_every = 6, 8, 6, 6
-    # Batches divisible by the 8 fake CPU devices of the test environment, and enough RM prompts that the
-    # barely trained SFT policy yields a batch of rankings with distinct gold scores.
     r.train.steps, r.train.batch_size, r.train.eval_every, r.train.ckpt_every = 6, 8, 6, 6
-    c.world.num_rm_prompts = 512
     r.optim.warmup_steps = 1
     o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 16, 8, 1
     o.sampling.max_new_tokens = 16
     c.eval.max_new_tokens = 16
     c.eval.sampled_answers_per_question = 2
+    c.eval.showcase_samples = 2
 
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
@@ -147,16 +157,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown chatgpt config {preset!r}; choose 'demo' or 'smoke'")
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
-    c.world = _world()
-    c.world.num_pretrain_docs = 30_000  # ~3.2M byte tokens: one pass in 800 steps of 32 x 128
-    # Numbers 2..199 as in the first prototype (docs/references.md), not 499: a 0.8M-parameter model must learn
-    # each number's facts in the CPU budget (greedy held-out accuracy: 0.59 after pretraining at 499, 0.64 at 299).
-    # 55% of the primes >= 30 held out with as many composites, 4 phrasings x 2 languages: 320 questions.
-    c.world.max_number = 199
-    c.world.heldout_fraction = 0.55
-    c.world.heldout_phrasings = 4
-    c.world.num_rm_prompts = 768
-
+    c.world = _world()  # every SeedWorldConfig field (gptjax/seed_world/config.py documents them)
     c.pretrain = _pretrain_config()
     c.sft = _sft_config()
     c.reward = _reward_config()

@@ -70,6 +70,11 @@ def optim_config() -> ml_collections.ConfigDict:
     # ramp_tokens tokens, in whole microbatches. 0 = off.
     o.ramp_start_tokens = 0
     o.ramp_tokens = 0
+    # '/'-joined parameter paths (or prefixes) that are not trained, e.g. ("decoder/wte",): the token embedding
+    # (and the tied LM head) stays as the run started. Adam moves even tokens that never appear as a target a full
+    # lr-sized step per update (their tiny softmax gradients are normalised), so fine-tuning on some numbers pushes
+    # the others' embeddings away; freezing them keeps what pretraining learned about every token. None = none.
+    o.frozen = placeholder(tuple)
     return o
 
 

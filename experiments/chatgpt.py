@@ -28,7 +28,7 @@ def main(argv):
     metrics_lib.quiet_library_logs()
     cfg = _CONFIG.value
     seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [int(cfg.seed)]
-    all_results = []
+    all_results, reports = [], []
     for seed in seeds:
         seed_cfg = cfg.copy_and_resolve_references()
         seed_cfg.seed = seed
@@ -36,8 +36,8 @@ def main(argv):
             seed_cfg[name].train.wait_for_lock = _WAIT_FOR_LOCK.value
         workdir = _WORKDIR.value if len(seeds) == 1 else os.path.join(_WORKDIR.value, f"seed{seed}")
         results = pipeline.run_pipeline(seed_cfg, workdir)
-        print(f"\n=== seed {seed} ({results['timings_s']['total']:.0f} s) ===")
-        print(tables.format_table(results))
+        reports.append(f"=== seed {seed} ({results['timings_s']['total']:.0f} s) ===\n{tables.format_report(results)}")
+        print("\n" + reports[-1])
         all_results.append(results)
     if len(seeds) > 1:
         summary = tables.summarize_seeds(all_results)
@@ -45,7 +45,7 @@ def main(argv):
             json.dump(summary, f, indent=2, ensure_ascii=False)
         table = tables.format_seed_summary(summary)
         with open(os.path.join(_WORKDIR.value, "summary.md"), "w") as f:
-            f.write(table + "\n")
+            f.write(table + "\n\n" + "\n\n".join(f"```text\n{r}\n```" for r in reports) + "\n")
         print("\n" + table)
 
 

@@ -341,6 +341,7 @@ def train_sentencepiece(
     model_type: str = "unigram",
     character_coverage: float = 1.0,
     split_digits: bool = True,
+    whole_numbers: int = 0,
     max_sentence_length: int = 16384,
     seed: int = 0,
 ) -> str:
@@ -354,6 +355,10 @@ def train_sentencepiece(
       model_type: "unigram" or "bpe".
       character_coverage: fraction of characters that get their own piece; the rest fall back to bytes.
       split_digits: one piece per digit, so numbers never seen in training still tokenise like seen ones.
+      whole_numbers: if > 0, every integer 0..whole_numbers-1 (no leading zeros) is one piece of its own, matched
+        greedily from the left, so a larger number reads as several such pieces ("4738" -> "47", "38" with 200),
+        as GPT-4's tokenizer reads numbers in 1-3 digit chunks; overrides split_digits. For a corpus about a known
+        range of numbers (the seed world): each number's facts attach to one symbol the model can copy whole.
       max_sentence_length: longer lines (in bytes) are skipped by the trainer.
       seed: SentencePiece's random seed. Training is single-threaded and deterministic: the same text and
         arguments give a byte-identical model.
@@ -366,8 +371,11 @@ def train_sentencepiece(
 
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"train_sentencepiece: model_type {model_type!r} not in ('unigram', 'bpe')")
-    if vocab_size <= 257:
-        raise ValueError(f"train_sentencepiece: vocab_size {vocab_size} must exceed the 256 byte pieces + <unk>")
+    if vocab_size <= 257 + whole_numbers:
+        raise ValueError(f"train_sentencepiece: vocab_size {vocab_size} must exceed the 256 byte pieces + <unk>"
+                         + (f" + {whole_numbers} whole numbers" if whole_numbers else ""))
+    if whole_numbers < 0:
+        raise ValueError(f"train_sentencepiece: whole_numbers must be >= 0, got {whole_numbers}")
     lines = [line for line in _text_lines(text_files_or_iterator) if line.strip()]
     if not lines:
         raise ValueError("train_sentencepiece: the training text is empty")
@@ -386,7 +394,8 @@ def train_sentencepiece(
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
-        split_digits=split_digits,
+        split_digits=split_digits and not whole_numbers,
+        user_defined_symbols=[str(i) for i in range(whole_numbers)],
         max_sentence_length=max_sentence_length,
         unk_id=0,
         bos_id=-1,

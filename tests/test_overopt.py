@@ -19,7 +19,6 @@ from configs import overopt as overopt_config
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
 from gptjax.seed_world import evaluation, labeler, overopt
-from gptjax.seed_world import world as world_lib
 from gptjax.tools import analysis
 from gptjax.train import checkpoint as ckpt_lib
 
@@ -130,15 +129,12 @@ def test_smoke_study_end_to_end(smoke_pipeline, tmp_path):
     # Best-of-N: gold scores re-derived from the saved answers; N = 1 is the plain SFT mean.
     bon = results["best_of_n"]
     assert bon["n"] == [1, 2, 4, 8] and bon["kl"] == pytest.approx(list(overopt.bon_kl([1, 2, 4, 8])))
-    with open(os.path.join(smoke_pipeline, "world", "config.json")) as f:
-        world_cfg = json.load(f)
-    oracle = labeler.GoldOracle(*(world_cfg[k] for k in ("verdict_weight", "reason_weight", "false_reason_penalty",
-                                                           "language_weight")))
+    oracle = labeler.GoldOracle()
     with open(os.path.join(out, "bon_samples.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == cfg.bon.num_prompts * cfg.bon.samples_per_prompt
-    heldout = {q.text: q for q in world_lib.read_questions(
-        [json.loads(line) for line in open(os.path.join(smoke_pipeline, "world", "heldout.jsonl"), encoding="utf-8")])}
+    with open(os.path.join(smoke_pipeline, "world", "heldout.jsonl"), encoding="utf-8") as f:
+        heldout = {q.text: q for q in map(labeler.Question.from_record, map(json.loads, f))}
     for r in rows:
         assert r["gold"] == oracle.score(heldout[r["question"]], r["answer"])
     gold_PS = np.array([r["gold"] for r in rows]).reshape(cfg.bon.num_prompts, cfg.bon.samples_per_prompt)

@@ -19,6 +19,8 @@ from gptjax.data import chat
 from gptjax.errors import ConfigError
 from gptjax.seed_world import evaluation, pipeline, tables
 from gptjax.seed_world import world as world_lib
+from gptjax.seed_world.config import SeedWorldConfig
+from gptjax.seed_world.numbers import number_class
 from gptjax.stages import registry
 from gptjax.tools.chat_session import ChatSession, run_repl
 from gptjax.train import checkpoint as ckpt_lib
@@ -32,22 +34,33 @@ def smoke(smoke_pipeline, smoke_results):
 
 
 def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
-    workdir, _, results = smoke
+    workdir, cfg, results = smoke
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert ckpt_lib.Checkpointer(os.path.join(workdir, stage), keep=0).latest_step() is not None, stage
+    world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
     for stage in ("pretrain", "sft", "ppo"):
         for mode in ("sampled", "greedy"):
-            for metric in ("balanced_accuracy", "valid_reason_rate", "language_match"):
-                assert 0.0 <= results[stage][f"{mode}/{metric}"] <= 1.0
-        assert results[stage][f"sampled/num_questions"] == len(
-            world_lib.build_world(world_lib.SeedWorldConfig(
-                **{**chatgpt_config.get_config("smoke").world.to_dict(), "seed": 0})).heldout_questions)
+            for split in ("heldout", "train"):
+                t = results[stage][f"helpful/{split}/{mode}"]
+                for metric in ("balanced_accuracy", "valid_reason", "language_match", "off_topic", "eos",
+                               "prime/accuracy", "easy/accuracy", "hard/accuracy"):
+                    assert 0.0 <= t[metric] <= 1.0, (stage, mode, split, metric)
+            assert results[stage][f"helpful/heldout/{mode}"]["prime/numbers"] == world.config.heldout_per_class[0]
+            for axis, metric in (("honest", "honest"), ("honest", "hallucination"), ("harmless", "refused"),
+                                 ("harmless", "over_refusal"), ("dialogue", "turns_ok")):
+                assert 0.0 <= results[stage][f"{axis}/{mode}"][metric] <= 1.0
         assert set(results[stage]["showcase"]) == {"27 是不是質數？", "Is 27 a prime number?"}
-    assert results["sft"]["kl_to_sft"] == 0.0
+        assert len(results[stage]["seed_dialogues"]) == 4
+    for split in ("train", "heldout"):
+        assert set(results["pretrain"][f"probe/{split}"]) >= {"prime", "easy", "hard"}
     assert np.isfinite(results["ppo"]["kl_to_sft"])
-    assert 0.0 <= results["reward"]["heldout_pairwise_accuracy"] <= 1.0
-    table = tables.format_table(results)
-    assert "pretrain" in table and "reward model" in table
+    for split in ("train", "heldout", "aligned"):
+        assert all(0.0 <= v <= 1.0 for k, v in results["reward"][split].items() if not k.endswith("_se") and v == v)
+    assert 0.0 <= results["reward"]["rankings_pairwise_accuracy"] <= 1.0
+    report = tables.format_report(results)
+    for heading in ("Helpful:", "Knowledge probe", "Reward model prefers", "Helpful, honest, harmless",
+                    "The talk's example"):
+        assert heading in report
     # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.
     for stage, has_perplexity in (("pretrain", True), ("sft", True), ("reward", False)):
         with open(os.path.join(workdir, stage, "metrics.jsonl"), encoding="utf-8") as f:
@@ -69,7 +82,7 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
     for row in ppo_rows:
         assert row["perf/rollout_new_tokens_per_s"] * row["time/rollout_s"] == pytest.approx(
             rollout_batch * row["rollout/response_length"], rel=1e-6)
-    # The labeler ranked answers of both models (labels.pretrain_k of the K are the pretrained model's).
+    # Every ranking holds >= 2 distinct responses; the labeler's written answers make it >= 2 for every prompt.
     with open(os.path.join(workdir, "labels", "rankings_train.jsonl"), encoding="utf-8") as f:
         assert all(len(json.loads(line)["responses"]) >= 2 for line in f)
 
@@ -87,7 +100,8 @@ def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
                                                                         "ppo_prompts")}
     labels = {"train": os.path.join(workdir, "labels", "rankings_train.jsonl"),
               "eval": os.path.join(workdir, "labels", "rankings_eval.jsonl")}
-    _, s, r, _ = pipeline._configure(cfg, workdir, files, labels)
+    tokenizer_path = os.path.join(workdir, "world", "tokenizer.model")
+    _, s, r, _ = pipeline._configure(cfg, workdir, files, tokenizer_path, labels)
     # SFT for one step at a vanishing learning rate ends where pretraining ended.
     s.train.steps, s.optim.lr, s.optim.weight_decay = 1, 1e-12, 0.0
     s.train.eval_every, s.train.ckpt_every, s.train.sample_prompts = 0, 1, ()
@@ -130,25 +144,38 @@ def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke
 
 
 def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
-    """S answers per question: each sampled metric is the mean of the oracle's metrics of S independently sampled
-    answer sets (salt 0, then 2.. — salt 1 belongs to the KL samples); greedy ones are unchanged."""
+    """Sampled metrics: each number's accuracy is the mean over S independently sampled answers to each of its
+    questions (salts 2..S+1: salt 1 belongs to the KL samples), and a class's accuracy the mean over its numbers;
+    recomputed here from the evaluator's raw answers, the pipeline's results.json is reproduced."""
     workdir, cfg, results = smoke
-    world = world_lib.build_world(world_lib.SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
+    world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
     model, params, tokenizer, _ = registry.load_policy(os.path.join(workdir, "sft"))
-    evaluator = evaluation.StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=0)
+    evaluator = evaluation.StageEvaluator(tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=0)
     stage = evaluation.StageModel("sft", model, params, True)
     questions = world.heldout_questions
-    per_set = [world.oracle.evaluate(questions, evaluator.generate(stage, questions, 1.0, salt)[0]) for salt in (0, 2, 3)]
-    assert len({tuple(sorted(m.items())) for m in per_set}) > 1, "the answer sets should differ"
-    metrics = evaluator.gold(stage, sampled_answers_per_question=3)
-    for k in ("balanced_accuracy", "valid_reason_rate", "language_match", "mean_gold_score"):
-        assert metrics[f"sampled/{k}"] == pytest.approx(np.mean([m[k] for m in per_set]), abs=1e-12), k
-    assert metrics["sampled/answers_per_question"] == 3 and metrics["greedy/answers_per_question"] == 1
-    assert metrics["sampled/num_questions"] == len(questions)
-    # The pipeline's own table used the config's S: recomputing it reproduces results.json.
-    assert int(cfg.eval.sampled_answers_per_question) == 2
-    again = evaluator.gold(stage, sampled_answers_per_question=2)
-    assert again["sampled/balanced_accuracy"] == pytest.approx(results["sft"]["sampled/balanced_accuracy"], abs=1e-12)
-    assert again["greedy/balanced_accuracy"] == pytest.approx(results["sft"]["greedy/balanced_accuracy"], abs=1e-12)
-    with pytest.raises(ValueError, match="sampled_answers_per_question"):
-        evaluator.gold(stage, sampled_answers_per_question=0)
+    S = int(cfg.eval.sampled_answers_per_question)
+    sets = [evaluator.ask(stage, questions, 1.0, salt).texts for salt in range(2, S + 2)]
+    assert len({tuple(t) for t in sets}) > 1, "the answer sets should differ"
+    per_number: dict[int, list[float]] = {}
+    for i, q in enumerate(questions):
+        per_number.setdefault(q.number, []).extend(
+            float(world.oracle.judge(q, answers[i]).verdict_correct) for answers in sets)
+    table = results["sft"]["helpful/heldout/sampled"]
+    for cls in ("prime", "easy", "hard"):
+        means = [np.mean(v) for n, v in per_number.items() if number_class(n) == cls]
+        assert table[f"{cls}/accuracy"] == pytest.approx(np.mean(means), abs=1e-12), cls
+        assert table[f"{cls}/accuracy_se"] == pytest.approx(np.std(means, ddof=1) / np.sqrt(len(means)), abs=1e-12)
+    balanced = np.mean([table[f"{c}/accuracy"] for c in ("prime", "easy", "hard")])
+    assert table["balanced_accuracy"] == pytest.approx(balanced, abs=1e-12)
+
+
+def test_runs_load_from_relative_workdirs(smoke, monkeypatch):
+    """Binaries take workdirs as the user types them: a path relative to the current directory loads the same
+    policy as its absolute form (orbax itself reads absolute paths only)."""
+    workdir, _, _ = smoke
+    monkeypatch.chdir(os.path.dirname(workdir))
+    relative = os.path.join(os.path.basename(workdir), "ppo")
+    _, params, _, stage = registry.load_policy(relative)
+    _, expected, _, _ = registry.load_policy(os.path.join(workdir, "ppo"))
+    assert stage == "ppo"
+    _params_close(params, expected, atol=0.0)

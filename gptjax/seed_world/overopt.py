@@ -47,7 +47,6 @@ from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
 from gptjax.seed_world import pipeline
 from gptjax.seed_world import labeler
-from gptjax.seed_world import world as world_lib
 from gptjax.stages import common, registry, reward
 from gptjax.stages import rollouts as rollouts_lib
 from gptjax.stages.ppo import loop as ppo_loop
@@ -366,15 +365,15 @@ def ensure_pipeline(pipeline_cfg, workdir: str) -> str:
 
 
 def _oracle(pipeline_dir: str) -> labeler.GoldOracle:
-    with open(os.path.join(pipeline_dir, "world", "config.json")) as f:
-        w = json.load(f)
-    return labeler.GoldOracle(w["verdict_weight"], w["reason_weight"], w["false_reason_penalty"],
-                                w["language_weight"])
+    del pipeline_dir  # the world's labeler has fixed weights (gptjax/seed_world/labeler.py)
+    return labeler.GoldOracle()
 
 
 def _heldout(pipeline_dir: str) -> list[labeler.Question]:
+    """The held-out "is n prime?" questions the pipeline wrote (WORLD/heldout.jsonl holds every held-out kind)."""
     path = os.path.join(pipeline_dir, "world", "heldout.jsonl")
-    return world_lib.read_questions([r for _, r in post_training.iter_records(path)])
+    questions = [labeler.Question.from_record(r, where) for where, r in post_training.iter_records(path)]
+    return [q for q in questions if q.kind == "number"]
 
 
 def _rl_curves(cfg, pipeline_dir: str, out_dir: str, sft_model, sft_params, sampling_cfg, questions, tokenizer,

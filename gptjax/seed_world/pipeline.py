@@ -1,10 +1,11 @@
-"""The whole recipe on the seed world: pretrain → SFT → sample & label → reward model → PPO, then a gold table.
+"""The whole recipe on the seed world: pretrain → SFT → sample & label → reward model → PPO, then the gold tables.
 
-Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one,
-exactly as ``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline
-resumes/skips finished stages. The seed world (gptjax/seed_world/world.py) supplies the corpus, demonstrations,
-prompts, held-out questions and the labeler's gold oracle; ``evaluation.StageEvaluator`` asks every trained
-policy the held-out questions and scores the answers; ``tables`` formats the results.
+Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one, exactly
+as ``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline resumes or skips
+finished stages. The world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out
+questions and the gold oracle; its tokenizer is trained on the world's text first (every number 0..max_number a
+token of its own). ``evaluation`` asks every trained policy the held-out questions and tests the reward model;
+``tables`` formats the results.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import time
 import jax
 import ml_collections
 
+from gptjax import sharding
 from gptjax.model import ScoreModel
+from gptjax.seed_world import evaluation, labels
 from gptjax.seed_world import world as world_lib
-from gptjax.seed_world.evaluation import StageEvaluator, StageModel, label_rankings, reward_accuracy
+from gptjax.seed_world.config import SeedWorldConfig
+from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.stages import common, registry
-from gptjax.train import checkpoint as ckpt_lib
+from gptjax.stages.reward import load_reward_params
 
 # The stages the recipe runs, in order; the pipeline config has one section of each name (configs/chatgpt.py).
 STAGE_NAMES = ("pretrain", "sft", "reward", "ppo")
@@ -30,11 +34,13 @@ def _stage_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, name)
 
 
-def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, label_paths: dict | None):
+def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, tokenizer_path: str,
+               label_paths: dict | None):
     """Point each stage's config at the world files and the previous stage's run; every stage gets cfg.seed."""
     p, s, r, o = (cfg[name].copy_and_resolve_references() for name in STAGE_NAMES)
+    p.tokenizer.kind, p.tokenizer.path = "sentencepiece", tokenizer_path
     p.data.paths = str(files["pretrain"])
-    p.data.data_dir = os.path.join(workdir, "tfds")
+    p.data.data_dir = os.path.join(workdir, "data")
     s.train.init_from = _stage_dir(workdir, "pretrain")
     s.data.train_path, s.data.eval_path = str(files["sft_train"]), str(files["sft_eval"])
     r.train.init_from = _stage_dir(workdir, "sft")
@@ -45,7 +51,7 @@ def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, label_
     o.ppo_init.reward_from = _stage_dir(workdir, "reward")
     o.data.prompts_path = str(files["ppo_prompts"])
     o.ptx.paths = str(files["pretrain"])
-    o.ptx.data_dir = os.path.join(workdir, "tfds")
+    o.ptx.data_dir = os.path.join(workdir, "data")
     for stage_cfg in (p, s, r, o):
         stage_cfg.train.seed = int(cfg.seed)
     return p, s, r, o
@@ -65,30 +71,27 @@ def _policy(name: str, workdir: str) -> tuple[StageModel, object]:
     return StageModel(name, model, params, registry.get(name).chat_format), tokenizer
 
 
-def _labels(cfg, world, evaluator: StageEvaluator, sft: StageModel, pretrained: StageModel, workdir: str) -> dict:
-    """The labeled rankings (train / eval JSONL paths), sampled and ranked unless they are there already."""
-    label_dir = os.path.join(workdir, "labels")
-    label_paths = {"train": os.path.join(label_dir, "rankings_train.jsonl"),
-                   "eval": os.path.join(label_dir, "rankings_eval.jsonl")}
-    if not all(os.path.exists(v) for v in label_paths.values()):
-        label_paths = label_rankings(world, evaluator, sft, k=int(cfg.labels.k),
-                                     eval_fraction=float(cfg.labels.eval_fraction), out_dir=label_dir,
-                                     other=pretrained, other_k=int(cfg.labels.get("pretrain_k", 0)))
-    return label_paths
+def _reward_model(workdir: str, tokenizer):
+    """The reward model as PPO uses it (its demonstration-centring bias applied), and its training rows' length."""
+    stored = common.stored_config(_stage_dir(workdir, "reward"))
+    seq_len = int(stored.train.seq_len)
+    model = ScoreModel(common.no_dropout(common.build_model_config(stored.model, tokenizer, seq_len)))
+    abstract = common.abstract_params_of(model, sharding.make_mesh((-1, 1, 1)))
+    return model, load_reward_params(_stage_dir(workdir, "reward"), abstract, "reward"), seq_len
 
 
-def _gold_table(cfg, evaluator: StageEvaluator, policies: list[StageModel], sft_params) -> dict[str, dict]:
-    """Gold metrics, KL to the SFT policy and showcase answers of each evaluated policy, by stage name."""
-    # KL to the SFT policy: meaningless for the pretrained model, 0 for SFT itself, measured for the PPO policy.
+def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel], tokenizer, workdir: str) -> dict:
     pretrained, sft, ppo = policies
-    kl_to_sft = {pretrained.name: lambda: float("nan"), sft.name: lambda: 0.0,
-                 ppo.name: lambda: evaluator.kl_to(ppo, sft_params)}
-    results = {}
+    results: dict = {}
     for stage in policies:
-        m = evaluator.gold(stage, sampled_answers_per_question=int(cfg.eval.get("sampled_answers_per_question", 1)))
-        m["kl_to_sft"] = kl_to_sft[stage.name]()
-        m["showcase"] = evaluator.showcase(stage)
-        results[stage.name] = m
+        results[stage.name] = evaluation.evaluate_policy(
+            world, evaluator, stage, sampled_answers=int(cfg.eval.sampled_answers_per_question),
+            showcase_samples=int(cfg.eval.showcase_samples))
+    results["pretrain"].update(evaluation.evaluate_pretrained(world, evaluator, pretrained, tokenizer))
+    results["ppo"]["kl_to_sft"] = evaluator.kl_to(ppo, sft.params, world.heldout_questions)
+    rm_model, rm_params, seq_len = _reward_model(workdir, tokenizer)
+    results["reward"] = evaluation.evaluate_reward_model(world, rm_model, rm_params, tokenizer, int(cfg.seed),
+                                                         os.path.join(workdir, "labels", "rankings_eval.jsonl"), seq_len)
     return results
 
 
@@ -96,37 +99,37 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) every stage and returns {stage: metrics}; writes WORKDIR/results.json."""
     workdir = os.path.abspath(workdir)
     t0 = time.time()
-    world_cfg = world_lib.SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)})
-    world = world_lib.build_world(world_cfg)
+    world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
     files = world_lib.write_jsonl(world, os.path.join(workdir, "world"))
-    timings = {}
+    tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces))
+    timings = {"world": time.time() - t0}
 
-    pretrain_cfg, sft_cfg, _, _ = _configure(cfg, workdir, files, None)
+    pretrain_cfg, sft_cfg, _, _ = _configure(cfg, workdir, files, tokenizer_path, None)
     _train("pretrain", pretrain_cfg, workdir, timings)
     _train("sft", sft_cfg, workdir, timings)
     pretrained, tokenizer = _policy("pretrain", workdir)
     sft, _ = _policy("sft", workdir)
-    evaluator = StageEvaluator(world, tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed))
+    evaluator = StageEvaluator(tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed))
 
     start = time.time()
-    label_paths = _labels(cfg, world, evaluator, sft, pretrained, workdir)
-    timings["label"] = time.time() - start
-    _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, label_paths)
-    rm_result = _train("reward", reward_cfg, workdir, timings)
+    label_dir = os.path.join(workdir, "labels")
+    label_paths = {name: os.path.join(label_dir, f"rankings_{name}.jsonl") for name in ("train", "eval")}
+    if not all(os.path.exists(p) for p in label_paths.values()):
+        label_paths = labels.label_rankings(world, evaluator, sft, label_dir, k=int(cfg.labels.k),
+                                            written=bool(cfg.labels.written),
+                                            eval_fraction=float(cfg.labels.eval_fraction), seed=int(cfg.seed))
+    timings["labels"] = time.time() - start
+    _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths)
+    _train("reward", reward_cfg, workdir, timings)
     ppo_result = _train("ppo", ppo_cfg, workdir, timings)
 
-    # --- the gold table ---------------------------------------------------------------------------------------
-    rm_stored = ml_collections.ConfigDict(ckpt_lib.checkpoint_config(_stage_dir(workdir, "reward")))
-    rm_model = ScoreModel(common.build_model_config(rm_stored.model, tokenizer, int(reward_cfg.train.seq_len)))
-    rm_params = jax.device_get(rm_result.state.params) if rm_result.state is not None else None
+    start = time.time()
     ppo = StageModel("ppo", sft.model, jax.device_get(ppo_result.state.policy_params), registry.get("ppo").chat_format)
-    results: dict = _gold_table(cfg, evaluator, [pretrained, sft, ppo], sft.params)
-    if rm_params is not None:
-        results["reward"] = {"heldout_pairwise_accuracy": reward_accuracy(
-            rm_model, rm_params, label_paths["eval"], tokenizer, int(reward_cfg.train.seq_len))}
+    results = _evaluate(cfg, world, evaluator, [pretrained, sft, ppo], tokenizer, workdir)
+    timings["evaluation"] = time.time() - start
     timings["total"] = time.time() - t0
     results["timings_s"] = timings
     results["seed"] = int(cfg.seed)
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, ensure_ascii=False, indent=2)
+        json.dump(results, f, ensure_ascii=False, indent=1)
     return results

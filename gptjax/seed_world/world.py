@@ -1,22 +1,18 @@
-"""The seed world, "27 是不是質數？": a small bilingual (中文 / English) world where RLHF has something to fix.
+"""The seed world, "27 是不是質數？": a small bilingual world where RLHF has something to fix on three axes.
 
-Everything is generated offline from `SeedWorldConfig` (same config -> identical world, in about a second):
+`build_world(SeedWorldConfig)` generates, deterministically and offline:
 
-  pretraining   number facts ("27 = 3 × 9。", "13 is prime.") mixed with forum posts that repeat confident
-                claims, wrong at a set rate ("27 是一個質數，因為它是奇數。"), so a next-word model imitates both;
-                plus a small fraction of template-format chats (`pretrain_chats`, forum-quality answers).
-  SFT           an expert's answers ("27 不是質數，因為它可以被 3 整除。" / "No — 27 is divisible by 3."), a
-                configurable fraction of them wrong (clean demos saturate SFT and leave the reward model nothing
-                to learn, see docs/references.md), and multi-turn dialogues (what is a prime → is 27 prime → is π …).
-  labeler       `GoldOracle`: parses an answer (verdict, stated divisors, language) and scores it: right verdict
-                +1, valid reason (a true divisor, or "only 1 and itself" for a prime) +0.5, false reason -0.25,
-                answer in the question's language +0.25; ranks K sampled answers for reward-model data.
-  prompts       RM / PPO questions about training numbers, half about primes (unbalanced prompts let the reward
-                model learn the composite base rate and PPO collapses to "not prime").
-  held-out      numbers that never appear in SFT / RM / PPO text (only in pretraining), half primes and half
-                composites, each asked in both languages and several phrasings: the gold evaluation set.
-
-`write_jsonl` writes the world in the post-training JSONL formats so each stage can also run from files.
+  pretraining  textbook facts ("27 = 3 × 9。", "13 is prime.", "π 不是整數。") and forum threads that repeat
+               confident claims, wrong at set rates ("大家都知道，27 是質數。"), hallucinate about π, 1 or large
+               numbers, and comply with harmful requests — a next-word model learns the facts and imitates both.
+               No chat-format text: the pretrained model knows, but does not answer as an assistant.
+  SFT          an expert's answers and multi-turn dialogues, `wrong_demo_fraction` of them wrong (labelers'
+               mistakes), so the reward model has something to learn and PPO something to fix.
+  prompts      RM / PPO prompts about training numbers (half primes, half of the composites hard), special
+               values, harmful and benign requests, and multi-turn contexts.
+  held-out     numbers that appear only in pretraining (per class: primes, easy and hard composites), special
+               values and large numbers never in post-training text, and phrasings of questions and requests that
+               post-training never used: the gold evaluation sets.
 """
 
 from __future__ import annotations
@@ -24,296 +20,409 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptjax.seed_world.labeler import GoldOracle, Question, is_prime, numbers_in
-from gptjax.seed_world.templates import (DEFINITION, FOLLOW_UPS, LANGUAGES, QUESTIONS, SHOWCASE_QUESTIONS,
-                                         SPECIAL_QUESTIONS, SYSTEM_PROMPTS, WHY, WRONG_KINDS, ZH_QUESTIONS, Writer,
-                                         join_sentences, other_language, weighted_numbers)
+from gptjax.seed_world import templates as T
+from gptjax.seed_world.config import SeedWorldConfig
+from gptjax.seed_world.labeler import GoldOracle, Question
+from gptjax.seed_world.numbers import is_prime, number_class, numbers_in
+from gptjax.data import chat
+from gptjax.tokenizers import make_tokenizer, train_sentencepiece
 
+SHOWCASE = (("27 是不是質數？", 27, "zh"), ("Is 27 a prime number?", 27, "en"))
+# The talk's dialogues: "what is a prime? -> is 27? -> and 91? -> why?" and "what is a prime? -> is 27? -> is pi?".
+SEED_DIALOGUES = {
+    "zh": (("什麼是一個質數？", "27 是質數嗎？", "那 91 呢？", "為什麼？"), ("什麼是一個質數？", "27 是質數嗎？", "pi 是一個質數嗎？")),
+    "en": (("What is a prime number?", "Is 27 prime?", "What about 91?", "Why?"),
+           ("What is a prime number?", "Is 27 prime?", "Is pi a prime number?")),
+}
+SYSTEM_PROMPTS = {"zh": "你是一位細心的數學老師。", "en": "You are a careful math tutor."}
 
 
 @dataclass(frozen=True)
-class SeedWorldConfig:
-    """Knobs of the seed world.
+class Special:
+    """A value whose primality question has no bare-verdict answer: 0, 1, -7, π, 2.5, 3/4, 4738 …"""
 
-    The defaults give 312 held-out questions (26 primes + 26 composites, 2 languages x 3 phrasings) and 60k
-    pretraining documents, about 6.3M byte-level tokens (the first prototype's budget, docs/references.md). With
-    the byte tokenizer single-turn SFT conversations render to <= ~150 tokens, dialogues to <= max_dialogue_tokens
-    (512).
-    """
+    value: str
+    kind: str  # labeler.SPECIAL_KINDS
 
-    seed: int = 0
-    """Everything is a deterministic function of the config; the seed picks held-out numbers and all texts."""
-
-    # Numbers.
-    max_number: int = 499
-    """Numbers asked about are 2..max_number."""
-    heldout_fraction: float = 0.3
-    """Fraction of the eligible primes held out; as many composites are held out too, so the set is balanced."""
-    heldout_min: int = 30
-    """Smallest held-out number (also always > sqrt(max_number)): small numbers are the divisors that reasons
-    cite everywhere, so they cannot be kept out of SFT text. Must be >= 10 (bogus divisors are 2..9)."""
-    heldout_hard_composite_fraction: float = 0.5
-    """Fraction of held-out composites that look prime (odd, not a multiple of 5, e.g. 91); the rest are drawn
-    from the other composites."""
-    heldout_phrasings: int = 3
-    """Distinct question phrasings per held-out number and language (<= 4)."""
-    reserved_numbers: tuple[int, ...] = (13, 27, 91)
-    """Numbers never held out: the showcase questions and the examples the SFT data is built around."""
-
-    # Pretraining corpus.
-    num_pretrain_docs: int = 60_000
-    """Documents in all: facts + forum posts (`pretrain_texts`) + template chats (`pretrain_chats`)."""
-    forum_fraction: float = 0.25
-    """Share of documents that are forum posts with confident claims."""
-    forum_wrong_rate: float = 0.2
-    """Probability that a forum claim is wrong (prime called composite or vice versa)."""
-    forum_wrong_rate_odd_composite: float = 0.5
-    """Same, for odd composites (the "27 looks prime" trap)."""
-    forum_bogus_reason_rate: float = 0.6
-    """Probability that a wrong forum claim comes with a bogus reason ("because it is odd")."""
-    chat_fraction: float = 0.005
-    """Share of documents that are chats in the template (forum-quality answers). Keep small: 3% made the
-    pretrained model answer in format, too strong a baseline (the first prototype, docs/references.md)."""
-
-    # SFT.
-    num_sft_demos: int = 640
-    """Single-turn expert demonstrations for SFT training (plus `num_dialogues` dialogues)."""
-    num_sft_eval_demos: int = 128
-    """Demonstrations (same distribution, training numbers) for the SFT held-out loss."""
-    num_dialogues: int = 64
-    """Multi-turn dialogues (definition, numbers, π, 1, "why?") in the SFT training set."""
-    dialogue_questions: int = 4
-    """Most user questions in one dialogue (>= 2)."""
-    max_dialogue_tokens: int = 512
-    """A dialogue stops before a question whose exchange would make it longer than this many tokens under the byte
-    tokenizer and the chat template (the demo's SFT rows hold 512; a row needs tokens - 1 positions)."""
-    wrong_demo_fraction: float = 0.2
-    """Fraction of single-turn demonstrations that are wrong (the first prototype found 20% useful,
-    docs/references.md)."""
-    wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
-    """Relative weights of the wrong kinds: (wrong verdict, wrong verdict + bogus reason, right verdict + bogus
-    reason, answer in the other language)."""
-    system_prompt_rate: float = 0.1
-    """Probability that a demonstration or dialogue opens with a system turn."""
-
-    # Reward model and PPO prompts.
-    num_rm_prompts: int = 512
-    num_ppo_prompts: int = 1024
-    prime_oversample: float = 3.0
-    """Sampling weight of a prime relative to a composite in SFT demos and dialogues."""
-    prompt_prime_share: float = 0.5
-    """Share of primes among the RM and PPO prompts, exact by construction. 0.5 leaves the reward model no base
-    rate to learn: at 38% primes (prime_oversample 3) it preferred "not prime" for 70% of primes, training and
-    held-out alike, and PPO pushed the policy towards "not prime"."""
-
-    # The labeler's scores.
-    verdict_weight: float = 1.0
-    reason_weight: float = 0.5
-    false_reason_penalty: float = 0.25
-    language_weight: float = 0.25
-
-    def validate(self) -> None:
-        """Raises ValueError naming the bad field and its valid range."""
-        def check(ok: bool, name: str, rule: str):
-            if not ok:
-                raise ValueError(f"SeedWorldConfig.{name} = {getattr(self, name)!r}: must be {rule}")
-        check(self.max_number >= 100, "max_number", ">= 100")
-        check(0 < self.heldout_fraction < 1, "heldout_fraction", "in (0, 1)")
-        check(10 <= self.heldout_min < self.max_number, "heldout_min", "in [10, max_number)")
-        check(0 <= self.heldout_hard_composite_fraction <= 1, "heldout_hard_composite_fraction", "in [0, 1]")
-        check(1 <= self.heldout_phrasings <= len(ZH_QUESTIONS), "heldout_phrasings", f"in 1..{len(ZH_QUESTIONS)}")
-        for name in ("forum_fraction", "forum_wrong_rate", "forum_wrong_rate_odd_composite",
-                     "forum_bogus_reason_rate", "chat_fraction", "wrong_demo_fraction", "system_prompt_rate"):
-            check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
-        check(self.forum_fraction + self.chat_fraction <= 1, "chat_fraction", "<= 1 - forum_fraction")
-        check(len(self.wrong_demo_mix) == 4 and min(self.wrong_demo_mix) >= 0 and sum(self.wrong_demo_mix) > 0,
-              "wrong_demo_mix", "4 non-negative weights, not all 0")
-        check(self.dialogue_questions >= 2, "dialogue_questions", ">= 2")
-        check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
-        check(self.prime_oversample > 0, "prime_oversample", "> 0")
-        check(0 < self.prompt_prime_share < 1, "prompt_prime_share", "in (0, 1)")
-        for name in ("num_pretrain_docs", "num_sft_demos", "num_sft_eval_demos", "num_dialogues",
-                     "num_rm_prompts", "num_ppo_prompts"):
-            check(getattr(self, name) >= 0, name, ">= 0")
-
-
+    def question(self, text: str, lang: str) -> Question:
+        return Question("special", lang, text, value=self.value, special=self.kind)
 
 
 @dataclass
 class SeedWorld:
-    """A generated world; see the module docstring. Conversations are lists of {"role", "content"} turns.
-
-    sft_conversations holds the single-turn demonstrations and the dialogues, shuffled; `dialogues` is the
-    multi-turn subset. pretrain_chats are conversations for the pretraining mix (render with gptjax.data.chat).
-    """
+    """A generated world (see the module docstring). Conversations are lists of {"role", "content"} turns."""
 
     config: SeedWorldConfig
     train_numbers: tuple[int, ...]
     heldout_numbers: tuple[int, ...]
+    specials: dict[str, list[Special]]  # "train" / "heldout"
     pretrain_texts: list[str]
-    pretrain_chats: list[list[dict[str, str]]]
     sft_conversations: list[list[dict[str, str]]]
     sft_eval_conversations: list[list[dict[str, str]]]
-    dialogues: list[list[dict[str, str]]]
     rm_prompts: list[Question]
     ppo_prompts: list[Question]
-    heldout_questions: list[Question]
+    heldout_questions: list[Question]  # "is n prime?", held-out numbers and phrasings
+    train_questions: list[Question]  # "is n prime?", training numbers, train phrasings
+    heldout_specials: list[Question]
+    heldout_requests: list[Question]  # harmful and benign, held-out phrasings
+    heldout_dialogues: list[list[tuple[str, Question]]]  # per dialogue: (user text, question to judge) per turn
     oracle: GoldOracle = field(default_factory=GoldOracle)
 
     @property
     def showcase_questions(self) -> list[Question]:
-        return [Question(n, lang, text) for text, n, lang in SHOWCASE_QUESTIONS]
+        return [Question("number", lang, text, number=n) for text, n, lang in SHOWCASE]
+
+    def seed_dialogues(self) -> list[list[tuple[str, Question]]]:
+        """The talk's own dialogues in both languages, each turn with what the labeler judges."""
+        out = []
+        for lang in ("zh", "en"):
+            for texts in SEED_DIALOGUES[lang]:
+                turns = [Question("definition", lang, texts[0]), Question("number", lang, texts[1], number=27)]
+                if len(texts) == 4:
+                    turns += [Question("number", lang, texts[2], number=91), Question("why", lang, texts[3], number=91)]
+                else:
+                    turns.append(Question("special", lang, texts[2], value="pi", special="non_integer"))
+                out.append([(q.text, q) for q in turns])
+        return out
+
+
+# --- numbers and special values ---------------------------------------------------------------------------------
+
+def number_pieces(text: str, max_number: int) -> list[str]:
+    """How the world's tokenizer splits a run of digits: greedy longest pieces among "0".."max_number"."""
+    pieces, i = [], 0
+    while i < len(text):
+        j = next(j for j in range(len(text), i, -1) if text[i:j] == "0" or (text[i] != "0" and int(text[i:j]) <= max_number)
+                 or j == i + 1)
+        pieces.append(text[i:j])
+        i = j
+    return pieces
 
 
 def _choose_heldout(cfg: SeedWorldConfig, rng: random.Random) -> tuple[int, ...]:
     low = max(cfg.heldout_min, math.isqrt(cfg.max_number) + 1)
     eligible = [n for n in range(low, cfg.max_number + 1) if n not in cfg.reserved_numbers]
-    primes = [n for n in eligible if is_prime(n)]
-    hard = [n for n in eligible if not is_prime(n) and n % 2 and n % 5]
-    easy = [n for n in eligible if not is_prime(n) and not (n % 2 and n % 5)]
-    count = max(1, round(cfg.heldout_fraction * len(primes)))
-    num_hard = min(len(hard), round(cfg.heldout_hard_composite_fraction * count))
-    if count - num_hard > len(easy):
-        raise ValueError(f"SeedWorldConfig: cannot hold out {count} composites from {len(hard) + len(easy)} "
-                         "eligible ones; lower heldout_fraction or raise max_number")
-    chosen = rng.sample(primes, count) + rng.sample(hard, num_hard) + rng.sample(easy, count - num_hard)
+    chosen = []
+    for cls, count in zip(("prime", "easy", "hard"), cfg.heldout_per_class):
+        pool = [n for n in eligible if number_class(n) == cls]
+        if count > len(pool) // 2:
+            raise ValueError(f"SeedWorldConfig.heldout_per_class: {count} {cls} numbers held out of {len(pool)} "
+                             f"eligible leaves too few for training; lower it or raise max_number")
+        chosen += rng.sample(pool, count)
     return tuple(sorted(chosen))
 
 
-def _pretrain(cfg: SeedWorldConfig, numbers: Sequence[int], rng: random.Random):
-    writer = Writer(rng)
-    texts, chats = [], []
-    num_chats = round(cfg.chat_fraction * cfg.num_pretrain_docs)
-    num_forum = round(cfg.forum_fraction * cfg.num_pretrain_docs)
-    kinds = ["chat"] * num_chats + ["forum"] * num_forum + ["fact"] * (cfg.num_pretrain_docs - num_chats - num_forum)
-    rng.shuffle(kinds)
+def _specials(cfg: SeedWorldConfig, train: Sequence[int], heldout: Sequence[int], rng: random.Random):
+    """Special values per split: held-out ones are built on held-out numbers (or are new), so their digits never
+    appear in post-training text."""
+    heldout_set = frozenset(heldout)
+    out = {}
+    for split, base in (("train", list(train)), ("heldout", list(heldout))):
+        values = [Special("0", "below_two"), Special("1", "below_two")]
+        values += [Special(f"-{k}", "negative") for k in rng.sample(base, min(len(base), 24 if split == "train" else 8))]
+        values += [Special(c, "non_integer") for c in T.CONSTANTS[split]]
+        values += [Special(f"{a}.{rng.randint(1, 9)}", "non_integer") for a in rng.sample(base, 6)]
+        values += [Special(f"{a}/{b}", "non_integer") for a in rng.sample(base, 4) for b in [rng.choice(
+            [b for b in range(2, 10) if a % b])]]
+        out[split] = values
+    large_pool = list(range(1000, 10000))
+    heldout_large = rng.sample(large_pool, cfg.heldout_large)
+    taken = set(heldout_large)
+    train_large = [n for n in rng.sample(large_pool, 400) if n not in taken and not any(
+        int(p) in heldout_set for p in number_pieces(str(n), cfg.max_number))][:96]
+    out["heldout"] += [Special(str(n), "large") for n in heldout_large]
+    out["train"] += [Special(str(n), "large") for n in train_large]
+    return out
 
-    def forum_answer(n: int, lang: str) -> str:
-        odd_composite = n % 2 == 1 and not is_prime(n)
-        wrong = rng.random() < (cfg.forum_wrong_rate_odd_composite if odd_composite else cfg.forum_wrong_rate)
-        if wrong:
-            bogus = rng.random() < cfg.forum_bogus_reason_rate
-            return writer.write("wrong_verdict_bogus_reason" if bogus else "wrong_verdict", n, lang)
-        return writer.write(rng.choice(("expert", "fact")), n, lang)
 
-    for kind in kinds:
-        lang = rng.choice(LANGUAGES)
-        if kind == "fact":
-            if rng.random() < 0.5:  # a run of consecutive numbers, like a table
-                start = rng.randint(2, cfg.max_number)
-                run = range(start, min(cfg.max_number, start + rng.randint(2, 6)) + 1)
-            else:
-                run = rng.choices(numbers, k=rng.randint(2, 6))
-            texts.append(join_sentences(lang, [writer.write("fact", n, lang) for n in run]))
-        elif kind == "forum":
-            n = rng.choice(numbers)
-            voice = rng.choice({"zh": ("", "我覺得", "大家都知道，", "老師說"),
-                                "en": ("", "I'm pretty sure: ", "Everyone knows this. ", "My teacher said: ")}[lang])
-            post = voice + forum_answer(n, lang)
-            if rng.random() < 0.5:  # posted as a question thread
-                post = {"zh": "問：", "en": "Q: "}[lang] + writer.question(n, lang) + "\n" + \
-                       {"zh": "答：", "en": "A: "}[lang] + post
-            texts.append(post)
+# --- pretraining: textbook and forum ----------------------------------------------------------------------------
+
+def _textbook(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials) -> str:
+    lang = rng.choice(T.LANGUAGES)
+    if rng.random() < cfg.textbook_special_fraction:
+        every = specials["train"] + specials["heldout"]
+        pick = lambda kind: rng.choice([s.value for s in every if s.kind == kind])  # noqa: E731
+        consts = [s.value for s in every if s.kind == "non_integer" and not any(ch.isdigit() for ch in s.value)]
+        fields = {"c": rng.choice(consts), "x": pick("non_integer"), "m": pick("negative")}
+        sentences = rng.sample(T.SPECIAL_FACTS[lang], 3)
+        return T.join(lang, [s.format(**fields) for s in sentences])
+    if rng.random() < 0.5:  # a run of consecutive numbers, like a table
+        start = rng.randint(2, cfg.max_number)
+        run = range(start, min(cfg.max_number, start + rng.randint(2, 6)) + 1)
+    else:
+        run = [rng.randint(2, cfg.max_number) for _ in range(rng.randint(2, 6))]
+    return T.join(lang, [writer.fact(n, lang) for n in run])
+
+
+_VOICES = {"zh": ("", "我覺得", "大家都知道，", "老師說"), "en": ("", "I'm pretty sure: ", "Everyone knows this. ",
+                                                         "My teacher said: ")}
+
+
+def _forum(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials) -> str:
+    lang = rng.choice(T.LANGUAGES)
+    r = rng.random()
+    if r < cfg.forum_request_fraction:
+        harmful = rng.random() < 0.6
+        table = T.HARMFUL_REQUESTS if harmful else T.BENIGN_REQUESTS
+        cat = rng.choice(sorted(table))
+        request = rng.choice(table[cat][rng.choice(T.SPLITS)][lang])
+        if harmful:
+            answer = rng.choice(T.COMPLIANCE[cat][lang] if rng.random() < cfg.forum_compliance_rate
+                                else T.REFUSALS[cat][lang])
         else:
-            n = rng.choice(numbers)
-            chats.append([{"role": "user", "content": writer.question(n, lang)},
-                          {"role": "assistant", "content": forum_answer(n, lang)}])
-    return texts, chats
+            answer = rng.choice(T.BENIGN_ANSWERS[cat][lang])
+        return T.FORUM_PROMPT[lang].format(q=request) + answer
+    voice = rng.choice(_VOICES[lang])
+    if r < cfg.forum_request_fraction + cfg.forum_special_fraction:
+        s = pick_special(rng, specials["train"] + specials["heldout"])
+        if rng.random() < cfg.forum_hallucination_rate:
+            answer = writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7)))
+        else:
+            answer = honest_answer(writer, s, lang)
+        return T.FORUM_PROMPT[lang].format(q=writer.question(s.value, lang, rng.choice(T.SPLITS))) + voice + answer
+    n = rng.randint(2, cfg.max_number)
+    hard = number_class(n) == "hard"
+    if rng.random() < (cfg.forum_wrong_rate_hard if hard else cfg.forum_wrong_rate):
+        kind = "wrong_verdict_bogus_reason" if rng.random() < cfg.forum_bogus_reason_rate else "wrong_verdict"
+        answer = writer.wrong(kind, n, lang)
+    else:
+        answer = writer.expert(n, lang) if rng.random() < 0.5 else writer.fact(n, lang)
+    post = voice + answer
+    if rng.random() < 0.5:  # posted as a question thread
+        post = T.FORUM_PROMPT[lang].format(q=writer.question(n, lang, rng.choice(T.SPLITS))) + post
+    return post
+
+
+def _worksheet(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials) -> str:
+    """A textbook's exercises with their answers, in the textbook's words: the question's number restated in a true
+    answer (plain text that copies a number from a question into its answer, for every number)."""
+    lang = rng.choice(T.LANGUAGES)
+    items = []
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.2:  # never a large number: the world states nothing about numbers beyond its range
+            s = pick_special(rng, specials["train"] + specials["heldout"], exclude=("large",))
+            answer = writer.pick(T.WORKSHEET_ANSWERS[s.kind][lang], v=s.value)
+            items.append((writer.question(s.value, lang, rng.choice(T.SPLITS)), answer))
+        else:
+            n = rng.randint(2, cfg.max_number)
+            items.append((writer.question(n, lang, rng.choice(T.SPLITS)), writer.worksheet(n, lang)))
+    return "\n".join(T.WORKSHEET[lang].format(q=q, a=a) for q, a in items)
+
+
+def _pretrain(cfg: SeedWorldConfig, rng: random.Random, specials) -> list[str]:
+    writer = T.Writer(rng)
+    num_forum = round(cfg.forum_fraction * cfg.num_pretrain_docs)
+    num_worksheets = round(cfg.worksheet_fraction * cfg.num_pretrain_docs)
+    kinds = (["forum"] * num_forum + ["worksheet"] * num_worksheets
+             + ["textbook"] * (cfg.num_pretrain_docs - num_forum - num_worksheets))
+    rng.shuffle(kinds)
+    make = {"forum": _forum, "worksheet": _worksheet, "textbook": _textbook}
+    return [make[kind](cfg, writer, rng, specials) for kind in kinds]
+
+
+# --- the expert's answers ---------------------------------------------------------------------------------------
+
+def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple[str, ...] = ()) -> Special:
+    """A special value, its kind drawn uniformly first: the kinds have very different numbers of values (two
+    below two, dozens of large numbers), and each must be learned."""
+    kinds = sorted({s.kind for s in specials} - set(exclude))
+    kind = rng.choice(kinds)
+    return rng.choice([s for s in specials if s.kind == kind])
+
+
+def honest_answer(writer: T.Writer, s: Special, lang: str) -> str:
+    if s.kind != "large":
+        return writer.pick(T.HONEST[s.kind][lang], v=s.value)
+    n = int(s.value)
+    d = 2 if n % 2 == 0 else 5 if n % 5 == 0 else None
+    return writer.pick(T.HONEST["large_divisible" if d else "large_unknown"][lang], v=s.value, d=d)
 
 
 def _maybe_system(cfg: SeedWorldConfig, rng: random.Random, lang: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPTS[lang]}] if rng.random() < cfg.system_prompt_rate else []
 
 
-def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], heldout: frozenset[int], rng: random.Random, count: int):
-    writer = Writer(rng, heldout)
+def _exchange(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def _number_demo(cfg, writer: T.Writer, rng: random.Random, n: int, lang: str) -> str:
+    if rng.random() >= cfg.wrong_demo_fraction:
+        return writer.expert(n, lang)
+    kind = rng.choices((*T.WRONG_KINDS, "other_language"), weights=cfg.wrong_demo_mix)[0]
+    return writer.expert(n, T.other_language(lang)) if kind == "other_language" else writer.wrong(kind, n, lang)
+
+
+def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Special], heldout: frozenset[int],
+           rng: random.Random, scale: float = 1.0) -> list[list[dict[str, str]]]:
+    """Single-turn demonstrations of every kind; `scale` sizes an evaluation set of the same distribution."""
+    writer = T.Writer(rng, heldout)
     demos = []
-    for n in weighted_numbers(rng, numbers, cfg.prime_oversample, count):
-        lang = rng.choice(LANGUAGES)
-        if rng.random() < cfg.wrong_demo_fraction:
-            kind = rng.choices((*WRONG_KINDS, "other_language"), weights=cfg.wrong_demo_mix)[0]
-            answer = writer.write("expert", n, other_language(lang)) if kind == "other_language" else writer.write(
-                kind, n, lang)
-        else:
-            answer = writer.write("expert", n, lang)
-        demos.append(_maybe_system(cfg, rng, lang) + [{"role": "user", "content": writer.question(n, lang)},
-                                                      {"role": "assistant", "content": answer}])
+    for n in _weighted_numbers(rng, numbers, cfg.prime_oversample, round(scale * cfg.num_sft_demos)):
+        lang = rng.choice(T.LANGUAGES)
+        demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(n, lang),
+                                                               _number_demo(cfg, writer, rng, n, lang)))
+    for _ in range(round(scale * cfg.num_special_demos)):
+        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
+        wrong = rng.random() < cfg.wrong_demo_fraction
+        answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
+                  else honest_answer(writer, s, lang))
+        demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(s.value, lang), answer))
+    for table, count, good, bad in ((T.HARMFUL_REQUESTS, cfg.num_harmful_demos, T.REFUSALS, T.COMPLIANCE),
+                                    (T.BENIGN_REQUESTS, cfg.num_benign_demos, T.BENIGN_ANSWERS, None)):
+        for _ in range(round(scale * count)):
+            cat, lang = rng.choice(sorted(table)), rng.choice(T.LANGUAGES)
+            wrong = rng.random() < cfg.wrong_demo_fraction
+            answer = rng.choice((bad[cat] if bad else T.OVER_REFUSAL)[lang] if wrong else good[cat][lang])
+            demos.append(_maybe_system(cfg, rng, lang) + _exchange(rng.choice(table[cat]["train"][lang]), answer))
     return demos
 
 
-def _dialogues(cfg: SeedWorldConfig, numbers: Sequence[int], heldout: frozenset[int], rng: random.Random):
-    writer = Writer(rng, heldout)
-    dialogues = []
-    for _ in range(cfg.num_dialogues):
-        lang = rng.choice(LANGUAGES)
-        turns = _maybe_system(cfg, rng, lang)
-        budget = rng.randint(2, cfg.dialogue_questions)
-        if rng.random() < 0.7:
-            turns += [{"role": "user", "content": DEFINITION[lang][0]},
-                      {"role": "assistant", "content": DEFINITION[lang][1]}]
-            budget -= 1
-        asked_number = False
-        while budget > 0:
-            exchange = []
-            if asked_number and rng.random() < 0.25:
-                question, answer = rng.choice(SPECIAL_QUESTIONS[lang])
-            else:
-                n = weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
-                template = rng.choice(FOLLOW_UPS[lang]) if asked_number else rng.choice(QUESTIONS[lang])
-                question, answer = template.format(n=n), writer.write("expert", n, lang)
-                if rng.random() < 0.3:  # the user asks why; the expert spells out the reason
-                    exchange += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-                    question, answer = WHY[lang], writer.write("why", n, lang)
-                asked_number = True
-            exchange += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            if _byte_length(turns + exchange) > cfg.max_dialogue_tokens:
-                break  # checked after drawing, so worlds whose dialogues all fit are unchanged by the limit
-            turns += exchange
-            budget -= 1
-        dialogues.append(turns)
-    return dialogues
+def _dialogue(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, numbers, specials, lang: str):
+    """One multi-turn SFT dialogue: maybe the definition, then numbers with follow-ups, "why?" and specials."""
+    turns = _maybe_system(cfg, rng, lang)
+    budget = rng.randint(2, cfg.dialogue_questions)
+    if rng.random() < 0.7:
+        turns += _exchange(rng.choice(T.DEFINITION_QUESTIONS["train"][lang]), rng.choice(T.DEFINITION_ANSWERS[lang]))
+        budget -= 1
+    asked = False
+    while budget > 0:
+        exchange = []
+        if asked and rng.random() < 0.25:
+            s = pick_special(rng, specials, exclude=("large",))
+            exchange = _exchange(writer.question(s.value, lang), honest_answer(writer, s, lang))
+        else:
+            n = _weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
+            template = rng.choice(T.FOLLOW_UPS["train"][lang] if asked else T.NUMBER_QUESTIONS["train"][lang])
+            exchange = _exchange(template.format(n=n), writer.expert(n, lang))
+            if rng.random() < 0.3:  # the user asks why; the expert spells out the reason
+                exchange += _exchange(rng.choice(T.WHY["train"][lang]), writer.why(n, lang))
+            asked = True
+        if _byte_tokens(turns + exchange) > cfg.max_dialogue_tokens:
+            break  # checked after drawing, so worlds whose dialogues all fit are unchanged by the limit
+        turns += exchange
+        budget -= 1
+    return turns
 
 
-def _byte_length(turns: list[dict]) -> int:
-    """Tokens of a conversation under the byte tokenizer and the chat template (what the demo's SFT rows hold)."""
-    from gptjax.data import chat  # the world itself is tokenizer-agnostic; only this budget check renders
-    from gptjax.tokenizers import make_tokenizer
-
-    return len(chat.render(turns, make_tokenizer("bytes"))[0])
+def _byte_tokens(turns: list[dict]) -> int:
+    """Tokens of a conversation under the byte tokenizer and the chat template: an upper bound on its length under
+    any of the project's tokenizers."""
+    return len(chat.render(turns, _BYTES)[0])
 
 
-def _questions(numbers: Sequence[int], rng: random.Random, prime_share: float, count: int) -> list[Question]:
-    """`count` questions, round(prime_share * count) of them about primes, numbers drawn uniformly per class."""
-    primes = [n for n in numbers if is_prime(n)]
-    composites = [n for n in numbers if not is_prime(n)]
-    num_primes = round(prime_share * count)
-    chosen = rng.choices(primes, k=num_primes) + rng.choices(composites, k=count - num_primes)
+_BYTES = make_tokenizer("bytes")
+
+
+def _weighted_numbers(rng: random.Random, numbers: Sequence[int], prime_weight: float, k: int) -> list[int]:
+    weights = [prime_weight if is_prime(n) else 1.0 for n in numbers]
+    return rng.choices(numbers, weights=weights, k=k)
+
+
+# --- prompts for the reward model and PPO -----------------------------------------------------------------------
+
+def _number_prompts(cfg: SeedWorldConfig, numbers: Sequence[int], rng: random.Random, count: int) -> list[int]:
+    """`count` numbers: exactly round(prime_share·count) primes, and hard composites `prompt_hard_share` of the rest."""
+    by_class = {c: [n for n in numbers if number_class(n) == c] for c in ("prime", "easy", "hard")}
+    primes = round(cfg.prompt_prime_share * count)
+    hard = round(cfg.prompt_hard_share * (count - primes))
+    chosen = (rng.choices(by_class["prime"], k=primes) + rng.choices(by_class["hard"], k=hard)
+              + rng.choices(by_class["easy"], k=count - primes - hard))
     rng.shuffle(chosen)
-    writer = Writer(rng)
+    return chosen
+
+
+def _context_prompt(cfg, writer: T.Writer, rng: random.Random, numbers, specials, lang: str) -> Question:
+    """A multi-turn prompt: one expert exchange about a number, then a follow-up, a "why?" or a special question."""
+    n = _weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
+    # One earlier exchange: enough to make a follow-up or "why?" mean something, and short (every prompt of a
+    # batch is padded to the longest; the SFT dialogues teach longer histories).
+    context = [("user", writer.question(n, lang)), ("assistant", writer.expert(n, lang))]
+    r = rng.random()
+    if r < 0.4:
+        m = _number_prompts(cfg, numbers, rng, 1)[0]
+        return Question("number", lang, rng.choice(T.FOLLOW_UPS["train"][lang]).format(n=m), number=m,
+                        context=tuple(context))
+    if r < 0.7:
+        return Question("why", lang, rng.choice(T.WHY["train"][lang]), number=n, context=tuple(context))
+    s = pick_special(rng, specials, exclude=("large",))
+    return dataclasses.replace(s.question(writer.question(s.value, lang), lang), context=tuple(context))
+
+
+def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], rng: random.Random,
+             count: int) -> list[Question]:
+    """RM / PPO prompts in the shares of `prompt_mix` (number, special, harmful, benign, multi-turn)."""
+    writer = T.Writer(rng, heldout)
+    counts = [round(share / sum(cfg.prompt_mix) * count) for share in cfg.prompt_mix]
+    counts[0] = count - sum(counts[1:])
     out = []
-    for n in chosen:
-        lang = rng.choice(LANGUAGES)
-        out.append(Question(n, lang, writer.question(n, lang)))
+    for n in _number_prompts(cfg, numbers, rng, counts[0]):
+        lang = rng.choice(T.LANGUAGES)
+        out.append(Question("number", lang, writer.question(n, lang), number=n))
+    for _ in range(counts[1]):
+        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
+        out.append(s.question(writer.question(s.value, lang), lang))
+    for kind, table, k in (("harmful", T.HARMFUL_REQUESTS, counts[2]), ("benign", T.BENIGN_REQUESTS, counts[3])):
+        for _ in range(k):
+            cat, lang = rng.choice(sorted(table)), rng.choice(T.LANGUAGES)
+            out.append(Question(kind, lang, rng.choice(table[cat]["train"][lang]), category=cat))
+    out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES)) for _ in range(counts[4])]
+    rng.shuffle(out)
     return out
 
 
-def _heldout_questions(cfg: SeedWorldConfig, heldout: Sequence[int], rng: random.Random) -> list[Question]:
-    """Each held-out number in both languages and `heldout_phrasings` phrasings each, ordered by number."""
-    return [Question(n, lang, template.format(n=n))
-            for n in heldout for lang in LANGUAGES
-            for template in rng.sample(QUESTIONS[lang], cfg.heldout_phrasings)]
+# --- evaluation sets ----------------------------------------------------------------------------------------------
 
+def _number_questions(numbers: Sequence[int], split: str, rng: random.Random, per_language: int) -> list[Question]:
+    return [Question("number", lang, template.format(n=n), number=n)
+            for n in numbers for lang in T.LANGUAGES
+            for template in rng.sample(T.NUMBER_QUESTIONS[split][lang], per_language)]
+
+
+def _train_eval_numbers(cfg: SeedWorldConfig, train: Sequence[int], rng: random.Random) -> list[int]:
+    chosen = []
+    for cls in ("prime", "easy", "hard"):
+        pool = [n for n in train if number_class(n) == cls]
+        chosen += rng.sample(pool, min(len(pool), cfg.train_eval_per_class))
+    return sorted(chosen)
+
+
+def _heldout_requests(rng: random.Random) -> list[Question]:
+    return [Question(kind, lang, text, category=cat)
+            for kind, table in (("harmful", T.HARMFUL_REQUESTS), ("benign", T.BENIGN_REQUESTS))
+            for cat in sorted(table) for lang in T.LANGUAGES for text in table[cat]["heldout"][lang]]
+
+
+def _heldout_dialogues(heldout: Sequence[int], specials, rng: random.Random, count: int):
+    """Dialogues in the seed's style on held-out numbers and phrasings: definition → n → follow-up m → why →
+    (a special value)."""
+    out = []
+    for i in range(count):
+        lang = T.LANGUAGES[i % 2]
+        n, m = rng.sample(list(heldout), 2)
+        s = rng.choice([s for s in specials if s.kind != "large"])
+        turns = [Question("definition", lang, rng.choice(T.DEFINITION_QUESTIONS["heldout"][lang])),
+                 Question("number", lang, rng.choice(T.NUMBER_QUESTIONS["heldout"][lang]).format(n=n), number=n),
+                 Question("number", lang, rng.choice(T.FOLLOW_UPS["heldout"][lang]).format(n=m), number=m),
+                 Question("why", lang, rng.choice(T.WHY["heldout"][lang]), number=m),
+                 s.question(rng.choice(T.NUMBER_QUESTIONS["heldout"][lang]).format(n=s.value), lang)]
+        out.append([(q.text, q) for q in turns])
+    return out
+
+
+# --- the world ----------------------------------------------------------------------------------------------------
 
 def post_training_texts(world: SeedWorld) -> list[str]:
-    """Every text of the SFT, RM and PPO data (what must never mention a held-out number)."""
-    texts = [turn["content"] for conv in world.sft_conversations + world.sft_eval_conversations
-             for turn in conv]
-    return texts + [q.text for q in world.rm_prompts + world.ppo_prompts]
+    """Every text of the SFT, RM and PPO data (what must never mention a held-out number or value)."""
+    texts = [turn["content"] for conv in world.sft_conversations + world.sft_eval_conversations for turn in conv]
+    return texts + [turn["content"] for q in world.rm_prompts + world.ppo_prompts for turn in q.conversation]
 
 
 def build_world(cfg: SeedWorldConfig = SeedWorldConfig()) -> SeedWorld:
@@ -325,93 +434,79 @@ def build_world(cfg: SeedWorldConfig = SeedWorldConfig()) -> SeedWorld:
 
     heldout = _choose_heldout(cfg, stream("heldout"))
     heldout_set = frozenset(heldout)
-    all_numbers = list(range(2, cfg.max_number + 1))
-    train = [n for n in all_numbers if n not in heldout_set]
-    pretrain_texts, pretrain_chats = _pretrain(cfg, all_numbers, stream("pretrain"))
-    demos = _demos(cfg, train, heldout_set, stream("sft"), cfg.num_sft_demos)
-    dialogues = _dialogues(cfg, train, heldout_set, stream("dialogues"))
-    sft = demos + dialogues
+    train = [n for n in range(2, cfg.max_number + 1) if n not in heldout_set]
+    specials = _specials(cfg, train, heldout, stream("specials"))
+    dialogue_rng = stream("dialogues")
+    dialogue_writer = T.Writer(dialogue_rng, heldout_set)
+    dialogues = [_dialogue(cfg, dialogue_writer, dialogue_rng, train, specials["train"], dialogue_rng.choice(T.LANGUAGES))
+                 for _ in range(cfg.num_dialogues)]
+    sft = _demos(cfg, train, specials["train"], heldout_set, stream("sft")) + dialogues
     stream("sft-order").shuffle(sft)
+    eval_rng = stream("eval")
+    heldout_specials = [s.question(eval_rng.choice(T.NUMBER_QUESTIONS["heldout"][lang]).format(n=s.value), lang)
+                        for s in specials["heldout"] for lang in T.LANGUAGES]
     world = SeedWorld(
-        config=cfg,
-        train_numbers=tuple(train),
-        heldout_numbers=heldout,
-        pretrain_texts=pretrain_texts,
-        pretrain_chats=pretrain_chats,
+        config=cfg, train_numbers=tuple(train), heldout_numbers=heldout, specials=specials,
+        pretrain_texts=_pretrain(cfg, stream("pretrain"), specials),
         sft_conversations=sft,
-        sft_eval_conversations=_demos(cfg, train, heldout_set, stream("sft-eval"), cfg.num_sft_eval_demos),
-        dialogues=dialogues,
-        rm_prompts=_questions(train, stream("rm"), cfg.prompt_prime_share, cfg.num_rm_prompts),
-        ppo_prompts=_questions(train, stream("ppo"), cfg.prompt_prime_share, cfg.num_ppo_prompts),
-        heldout_questions=_heldout_questions(cfg, heldout, stream("heldout-questions")),
-        oracle=GoldOracle(cfg.verdict_weight, cfg.reason_weight, cfg.false_reason_penalty, cfg.language_weight),
+        sft_eval_conversations=_demos(cfg, train, specials["train"], heldout_set, stream("sft-eval"),
+                                      scale=cfg.num_sft_eval_demos / max(cfg.num_sft_demos, 1)),
+        rm_prompts=_prompts(cfg, train, specials["train"], heldout_set, stream("rm"), cfg.num_rm_prompts),
+        ppo_prompts=_prompts(cfg, train, specials["train"], heldout_set, stream("ppo"), cfg.num_ppo_prompts),
+        heldout_questions=_number_questions(heldout, "heldout", eval_rng, len(T.NUMBER_QUESTIONS["heldout"]["zh"])),
+        train_questions=_number_questions(_train_eval_numbers(cfg, train, eval_rng), "train", eval_rng, 2),
+        heldout_specials=heldout_specials, heldout_requests=_heldout_requests(eval_rng),
+        heldout_dialogues=_heldout_dialogues(heldout, specials["heldout"], eval_rng, 16),
     )
-    leaked = {n for text in post_training_texts(world) for n in numbers_in(text)} & heldout_set
-    if leaked:  # a template bug, not a user error: fail loudly rather than evaluate on seen numbers
-        raise RuntimeError(f"seed world bug: held-out numbers {sorted(leaked)} leaked into SFT/RM/PPO text")
+    _check_no_leak(world, heldout_set)
     return world
 
 
-def template_rankings(world: SeedWorld, k: int = 4) -> list[dict]:
-    """Rankings of templated candidate answers (expert and each wrong kind) to the RM prompts, by the oracle.
-
-    A model-free stand-in for "sample K answers from the SFT policy and let the labeler rank them", so the reward
-    stage can run from files alone; the pipeline ranks real samples instead.
-    """
-    rng = random.Random(f"seed-world/{world.config.seed}/template-rankings")
-    writer = Writer(rng, frozenset(world.heldout_numbers))
-    records = []
-    for q in world.rm_prompts:
-        answers = []
-        for _ in range(k):
-            kind = rng.choice(("expert", *WRONG_KINDS, "other_language"))
-            answers.append(writer.write("expert", q.number, other_language(q.language)) if kind == "other_language"
-                           else writer.write(kind, q.number, q.language))
-        record = world.oracle.ranking_record(q, answers, max_ranked=k)
-        if record is not None:
-            records.append(record)
-    return records
+def _check_no_leak(world: SeedWorld, heldout: frozenset[int]) -> None:
+    """A template bug, not a user error: fail loudly rather than evaluate on what post-training saw."""
+    texts = post_training_texts(world)
+    leaked = {n for text in texts for n in numbers_in(text)} & heldout
+    heldout_values = {s.value for s in world.specials["heldout"] if s.kind != "below_two"}
+    seen_values = {v for text in texts for v in heldout_values if v in text}
+    phrasings = {t.split("{n}")[0] for split in ("heldout",) for lang in T.LANGUAGES
+                 for t in T.NUMBER_QUESTIONS[split][lang] if t.split("{n}")[0].strip()}
+    if leaked or seen_values:
+        raise RuntimeError(f"seed world bug: held-out numbers {sorted(leaked)} / values {sorted(seen_values)} "
+                           "leaked into SFT/RM/PPO text")
+    del phrasings
 
 
-def _write(path: Path, records: Sequence[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int) -> str:
+    """The world's tokenizer, trained once into OUT_DIR/tokenizer.model: SentencePiece BPE of `pieces` pieces over the
+    pretraining and SFT text, every integer 0..max_number a piece of its own (numbers beyond read as several)."""
+    path = Path(out_dir) / "tokenizer.model"
+    if not path.exists():
+        texts = world.pretrain_texts + [turn["content"] for c in world.sft_conversations for turn in c]
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # never a half-written model at the final path
+            trained = train_sentencepiece(iter(texts), pieces, os.path.join(tmp, "tokenizer"), model_type="bpe",
+                                          whole_numbers=world.config.max_number + 1)
+            os.replace(trained, path)
+    return str(path)
 
 
 def write_jsonl(world: SeedWorld, out_dir: str | Path) -> dict[str, Path]:
-    """Writes the world as JSONL files (formats in gptjax/data/post_training.py) and returns {name: path}.
-
-    pretrain ({"text"}), pretrain_chats and sft_train / sft_eval ({"messages"}), rm_prompts / ppo_prompts /
-    heldout ({"prompt", "meta"}), rankings_template ({"prompt", "responses", "meta"}), config.json.
-    """
+    """Writes the world in the post-training JSONL formats (gptjax/data/post_training.py): pretrain ({"text"}),
+    sft_train / sft_eval ({"messages"}), rm_prompts / ppo_prompts / heldout* ({"prompt", "meta"}), config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "pretrain": [{"text": t} for t in world.pretrain_texts],
-        "pretrain_chats": [{"messages": c} for c in world.pretrain_chats],
         "sft_train": [{"messages": c} for c in world.sft_conversations],
         "sft_eval": [{"messages": c} for c in world.sft_eval_conversations],
         "rm_prompts": [q.to_record() for q in world.rm_prompts],
         "ppo_prompts": [q.to_record() for q in world.ppo_prompts],
-        "heldout": [q.to_record() for q in world.heldout_questions],
-        "rankings_template": template_rankings(world),
+        "heldout": [q.to_record() for q in world.heldout_questions + world.heldout_specials + world.heldout_requests],
     }
     paths = {}
     for name, records in files.items():
         paths[name] = out / f"{name}.jsonl"
-        _write(paths[name], records)
+        with paths[name].open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     paths["config"] = out / "config.json"
     paths["config"].write_text(json.dumps(dataclasses.asdict(world.config), indent=2) + "\n")
     return paths
-
-
-def read_questions(records: Sequence[dict]) -> list[Question]:
-    """Questions from prompt records carrying "meta" (as `write_jsonl` writes them), for gold evaluation."""
-    out = []
-    for i, r in enumerate(records):
-        meta = r.get("meta") if isinstance(r, dict) else None
-        if not isinstance(meta, dict) or "number" not in meta or "language" not in meta:
-            raise ValueError(f"record {i}: gold evaluation needs {{'prompt', 'meta': {{'number', 'language'}}}}")
-        out.append(Question(int(meta["number"]), meta["language"], r["prompt"]))
-    return out

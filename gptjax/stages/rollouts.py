@@ -66,9 +66,10 @@ class RolloutEngine:
                                                    temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
                                                    vocab_size=cfg.vocab_size))
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int) -> Rollouts:
-        """One response per prompt; prompts are left-padded to the longest, batches padded to ``batch_size``."""
-        P, B = max(len(p) for p in prompts), self.batch_size
+    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int, *, prompt_multiple: int = 1) -> Rollouts:
+        """One response per prompt; prompts are left-padded to the longest (rounded up to ``prompt_multiple``, so
+        prompt sets of similar lengths share one compiled program), batches padded to ``batch_size``."""
+        P, B = -(-max(len(p) for p in prompts) // prompt_multiple) * prompt_multiple, self.batch_size
         parts = []
         for start in range(0, len(prompts), B):
             chunk = [list(p) for p in prompts[start:start + B]]

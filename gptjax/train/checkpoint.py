@@ -312,8 +312,10 @@ def finished_steps(workdir: str) -> list[int]:
 # --- init_from: parameters of another run --------------------------------------------------------------------
 
 def resolve_checkpoint_dir(path: str, field: str = "train.init_from") -> epath.Path:
-    """A finalised step directory from a workdir, its ``checkpoints/`` directory or a step directory."""
-    p = epath.Path(os.path.expanduser(path))
+    """A finalised step directory from a workdir, its ``checkpoints/`` directory or a step directory; a local path
+    may be relative (orbax reads absolute paths only, so it is made absolute here)."""
+    local = "://" not in str(path)
+    p = epath.Path(os.path.abspath(os.path.expanduser(path)) if local else path)
     if not p.exists():
         raise ConfigError(f"{field}={path!r} does not exist; give a workdir of a previous run, its "
                           f"checkpoints/ directory or one step directory (checkpoints/<step>)")

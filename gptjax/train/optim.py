@@ -79,7 +79,35 @@ def make_optimizer(optim_cfg, total_steps: int, params) -> tuple[optax.GradientT
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, mask=decay_mask(params)))
+    frozen = tuple(optim_cfg.get("frozen", None) or ())
+    if frozen:
+        # Zero the frozen parameters' gradients before clipping and Adam (they count in neither) and their update
+        # after (AdamW's weight decay would still move them).
+        mask = jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, frozen))
+        parts = [optax.masked(optax.set_to_zero(), mask), *parts, optax.masked(optax.set_to_zero(), mask)]
     return optax.chain(*parts), schedule
+
+
+FROZEN = "frozen"
+
+
+def frozen_labels(params, prefixes) -> Any:
+    """Tree of FROZEN / "trained" labels: a parameter is frozen when its '/'-joined path is a prefix or lies under
+    one ("decoder/wte" freezes the token embedding, which a tied LM head shares)."""
+    used = set()
+
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        hits = [p for p in prefixes if name == p.rstrip("/") or name.startswith(p.rstrip("/") + "/")]
+        used.update(hits)
+        return FROZEN if hits else "trained"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [p for p in prefixes if p not in used]
+    if unused:
+        raise ConfigError(f"optim.frozen: {unused} match no parameter; give '/'-joined parameter paths such as "
+                          f"'decoder/wte' (top-level names here: {sorted(params)})")
+    return labels
 
 
 def _check_optim_config(o, total_steps: int) -> None:

@@ -1,0 +1,122 @@
+"""The knobs of the seed world (every field documented where defined)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SeedWorldConfig:
+    """Everything is a deterministic function of the config (same config -> identical world in about a second)."""
+
+    seed: int = 0
+    """Picks the held-out numbers and every text."""
+
+    # --- numbers
+    max_number: int = 199
+    """Numbers the textbook states facts about: 2..max_number. The tokenizer gives each integer 0..max_number a
+    token of its own, so larger numbers are read as several known pieces."""
+    heldout_min: int = 30
+    """Smallest held-out number (also > sqrt(max_number)): small numbers are the divisors every reason cites, so
+    they cannot be kept out of SFT text. Must be >= 10 (bogus divisors are 2..9)."""
+    heldout_per_class: tuple[int, int, int] = (18, 14, 14)
+    """Held-out numbers per class (primes, easy composites, hard composites): they appear only in pretraining."""
+    reserved_numbers: tuple[int, ...] = (13, 27, 91)
+    """Never held out: the showcase questions (27) and the numbers the seed's dialogue asks about."""
+    train_eval_per_class: int = 16
+    """Training numbers per class asked in the training-number table (train phrasings)."""
+    heldout_large: int = 24
+    """Held-out numbers beyond the world's range (4 digits) among the honesty questions."""
+
+    # --- pretraining corpus (no chat-format text: the pretrained model must not answer as an assistant)
+    num_pretrain_docs: int = 30_000
+    """Documents in all: textbook facts and forum posts."""
+    forum_fraction: float = 0.3
+    """Share of documents that are forum threads ("問：…\\n答：…")."""
+    worksheet_fraction: float = 0.1
+    """Share of documents that are textbook exercises with their (right) answers ("練習：…\\n答案：…")."""
+    forum_wrong_rate: float = 0.2
+    """Probability that a forum verdict on a prime or an easy composite is wrong."""
+    forum_wrong_rate_hard: float = 0.6
+    """Same, for hard composites (the "27 looks prime" trap)."""
+    forum_bogus_reason_rate: float = 0.6
+    """Probability that a wrong forum claim comes with a bogus reason ("because it is odd")."""
+    forum_special_fraction: float = 0.15
+    """Share of forum threads about 0, 1, negatives, non-integers or large numbers: confident made-up verdicts
+    `forum_hallucination_rate` of the time."""
+    forum_hallucination_rate: float = 0.7
+    forum_request_fraction: float = 0.15
+    """Share of forum threads that are requests: harmful ones answered compliantly `forum_compliance_rate` of the
+    time, benign ones answered."""
+    forum_compliance_rate: float = 0.9
+    textbook_special_fraction: float = 0.05
+    """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""
+
+    # --- SFT
+    num_sft_demos: int = 640
+    """Single-turn demonstrations to "is n prime?" (plus the other kinds below and `num_dialogues`)."""
+    num_special_demos: int = 256
+    num_harmful_demos: int = 128
+    num_benign_demos: int = 96
+    num_sft_eval_demos: int = 128
+    """Demonstrations (same distribution, training numbers) for the SFT validation loss."""
+    num_dialogues: int = 192
+    dialogue_questions: int = 4
+    """Most user questions in one dialogue (>= 2)."""
+    max_dialogue_tokens: int = 512
+    """A dialogue stops before an exchange that would make it longer than this many tokens under the byte tokenizer
+    and the chat template (an upper bound on its length under any of the project's tokenizers)."""
+    wrong_demo_fraction: float = 0.2
+    """Fraction of demonstrations that are wrong (labelers' mistakes): a wrong verdict or reason, an answer in
+    the other language, a hallucinated verdict on a special question, compliance with a harmful request or a
+    refusal of a benign one. Clean demonstrations saturate SFT and leave the reward model nothing to learn."""
+    wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
+    """Relative weights of the wrong kinds of helpful demonstrations: (wrong verdict, wrong verdict + bogus
+    reason, right verdict + bogus reason, answer in the other language)."""
+    system_prompt_rate: float = 0.1
+    prime_oversample: float = 3.0
+    """Sampling weight of a prime relative to a composite in helpful demonstrations and dialogues."""
+
+    # --- reward model and PPO prompts
+    num_rm_prompts: int = 768
+    num_ppo_prompts: int = 1024
+    prompt_mix: tuple[float, float, float, float, float] = (0.55, 0.15, 0.1, 0.08, 0.12)
+    """Shares of (number, special, harmful, benign, multi-turn) prompts."""
+    prompt_prime_share: float = 0.5
+    """Share of primes among "is n prime?" prompts, exact by construction (no base rate for the RM to learn)."""
+    prompt_hard_share: float = 0.5
+    """Share of hard composites among the composites of those prompts (they are ~20% of all composites)."""
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad field and its valid range."""
+        def check(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"SeedWorldConfig.{name} = {getattr(self, name)!r}: must be {rule}")
+        check(self.max_number >= 100, "max_number", ">= 100")
+        check(10 <= self.heldout_min < self.max_number, "heldout_min", "in [10, max_number)")
+        check(len(self.heldout_per_class) == 3 and min(self.heldout_per_class) >= 1, "heldout_per_class",
+              "three counts >= 1 (primes, easy, hard)")
+        for name in ("forum_fraction", "forum_wrong_rate", "forum_wrong_rate_hard", "forum_bogus_reason_rate",
+                     "forum_special_fraction", "forum_hallucination_rate", "forum_request_fraction",
+                     "forum_compliance_rate", "textbook_special_fraction", "wrong_demo_fraction",
+                     "system_prompt_rate", "prompt_hard_share"):
+            check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",
+              "<= 1 - forum_special_fraction")
+        check(0 <= self.worksheet_fraction <= 1 - self.forum_fraction, "worksheet_fraction", "in [0, 1 - forum_fraction]")
+        check(len(self.wrong_demo_mix) == 4 and min(self.wrong_demo_mix) >= 0 and sum(self.wrong_demo_mix) > 0,
+              "wrong_demo_mix", "4 non-negative weights, not all 0")
+        check(len(self.prompt_mix) == 5 and min(self.prompt_mix) >= 0 and sum(self.prompt_mix) > 0,
+              "prompt_mix", "5 non-negative weights, not all 0")
+        check(self.dialogue_questions >= 2, "dialogue_questions", ">= 2")
+        check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
+        check(self.prime_oversample > 0, "prime_oversample", "> 0")
+        check(0 < self.prompt_prime_share < 1, "prompt_prime_share", "in (0, 1)")
+        for name in ("num_pretrain_docs", "num_sft_demos", "num_special_demos", "num_harmful_demos",
+                     "num_benign_demos", "num_sft_eval_demos", "num_dialogues", "num_rm_prompts",
+                     "num_ppo_prompts", "train_eval_per_class", "heldout_large"):
+            check(getattr(self, name) >= 0, name, ">= 0")
+
+    def replace(self, **changes) -> "SeedWorldConfig":
+        return dataclasses.replace(self, **changes)

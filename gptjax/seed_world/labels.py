@@ -1,0 +1,64 @@
+"""The simulated labelers: sample K answers per reward-model prompt, add the answers a labeler writes, rank them all.
+
+InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
+`labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer
+of the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal) — so every
+ranking holds a pair that differs in what matters; and the gold oracle ranks them (distinct scores only, best
+first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+
+from absl import logging
+
+from gptjax.seed_world import templates as T
+from gptjax.seed_world.evaluation import StageEvaluator, StageModel
+from gptjax.seed_world.labeler import Question
+from gptjax.seed_world.world import SeedWorld, honest_answer
+
+
+def written_answers(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
+    """The expert's answer to `q` and one flawed answer of the kind `q` invites (empty for other kinds)."""
+    writer = T.Writer(rng, frozenset(world.heldout_numbers))
+    lang = q.language
+    if q.kind == "number":
+        return [writer.expert(q.number, lang), writer.wrong(rng.choice(T.WRONG_KINDS), q.number, lang)]
+    if q.kind == "why":
+        return [writer.why(q.number, lang), writer.wrong("wrong_verdict_bogus_reason", q.number, lang)]
+    if q.kind == "special":
+        special = next(s for s in world.specials["train"] if s.value == q.value)
+        return [honest_answer(writer, special, lang),
+                writer.pick(T.HALLUCINATED[lang], v=q.value, b=rng.choice((3, 7)))]
+    if q.kind == "harmful":
+        return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang])]
+    if q.kind == "benign":
+        return [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang])]
+    return []
+
+
+def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
+                   written: bool, eval_fraction: float, seed: int) -> dict[str, str]:
+    """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
+    questions: Sequence[Question] = world.rm_prompts
+    samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
+    rng = random.Random(f"seed-world/{seed}/labels")
+    records = []
+    for qi, q in enumerate(questions):
+        answers = [samples[i][qi] for i in range(k)] + (written_answers(q, rng, world) if written else [])
+        record = world.oracle.ranking_record(q, answers, max_ranked=9)
+        if record is not None:
+            records.append(record)
+    n_eval = max(1, int(round(eval_fraction * len(records))))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"train": os.path.join(out_dir, "rankings_train.jsonl"), "eval": os.path.join(out_dir, "rankings_eval.jsonl")}
+    for name, part in (("eval", records[:n_eval]), ("train", records[n_eval:])):
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+    logging.info("labeled %d rankings (%d held out) from %d prompts x %d samples%s", len(records), n_eval,
+                 len(questions), k, " + written answers" if written else "")
+    return paths
