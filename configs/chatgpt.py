@@ -147,6 +147,10 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     r.optim.warmup_steps = 1
     o.train.steps, o.ppo.rollout_batch_size, o.ppo.minibatch_size, o.ppo.ppo_epochs = 2, 16, 8, 1
     o.sampling.max_new_tokens = 16
+    # The smaller tokenizer spells the context prompts in more pieces, and the barely trained policy's answers run
+    # to their budget: longer rows than the demo's.
+    r.train.seq_len = 160
+    o.sampling.max_prompt_len = 96
     c.eval.max_new_tokens = 16
     c.eval.sampled_answers_per_question = 2
     c.eval.showcase_samples = 2
