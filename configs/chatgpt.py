@@ -5,7 +5,8 @@
 Sections: ``world`` (gptjax/seed_world/world.py SeedWorldConfig fields), one full stage config per stage
 (``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
 by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
-Presets: ``demo`` (the README's numbers, ~12 minutes on 2 CPU cores) and ``smoke`` (seconds, for tests).
+Presets: ``demo`` (``make demo``, ~12 minutes on 2 CPU cores; its numbers are in docs/results.md) and ``smoke``
+(seconds, for tests).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ communication (read from the compiled program), time and a verdict; or search fo
     python -m experiments.plan --config=configs/pretrain.py:gpt3-175b --mesh=1,64,1 --num_devices=64 \\
         --device_memory=80GB [--peak_flops=989e12] [--config.model.remat=full] [--config.model.gather_dtype=bfloat16]
     python -m experiments.plan --config=configs/pretrain.py:gpt3-175b --mesh=1,-1,1 --topology=v5p:4x4x4
-    python -m experiments.plan --config=configs/ppo.py --config.model.preset=gpt3-6.7b --mesh=1,64,1 \\
+    python -m experiments.plan --config=configs/ppo.py --config.model.preset=gpt3-6.7b --mesh=1,-1,1 \\
         --num_devices=64 --device_memory=80GB [--frozen_mesh=1,8,1]
     python -m experiments.plan ... --search [--search_budget_s=600]      # mesh x remat x microbatch
     python -m experiments.plan ... --cost --tokens=300e9 | --episodes=256000 [--price_per_device_hour=...]
