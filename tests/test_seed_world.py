@@ -262,3 +262,23 @@ def test_world_tokenizer_gives_every_number_one_token(tmp_path):
     for text in ("27 不是質數，因為它可以被 3 整除。", "Is π prime? -7, 2.5, √2", "【邀請】"):
         assert tok.decode(tok.encode(text)) == text
     assert sw.number_pieces("4738", 199) == ["47", "38"] and sw.number_pieces("1005", 199) == ["100", "5"]
+
+
+def test_worksheet_register_answers_right_and_restates_the_number():
+    """Exercises with their answers (an optional register): the configured share of documents, every answer to a
+    number question right, about the number asked, in the question's language."""
+    world = sw.build_world(dataclasses.replace(SMALL, worksheet_fraction=0.1))
+    sheets = [t for t in world.pretrain_texts if t.startswith(("練習：", "Exercise: "))]
+    assert len(sheets) == pytest.approx(0.1 * SMALL.num_pretrain_docs, abs=1)
+    assert not any(t.startswith(("練習：", "Exercise: ")) for t in sw.build_world(SMALL).pretrain_texts)
+    checked = 0
+    for sheet in sheets[:200]:
+        for q, a in re.findall(r"(?:練習：|Exercise: )(.*)\n(?:答案：|Answer: )(.*)", sheet):
+            nums = re.findall(r"(?<![0-9.\-/])([0-9]+)(?![0-9.\-/])", q)
+            if len(nums) != 1 or "√" in q or "/" in q:
+                continue
+            lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in q) else "en"
+            j = ORACLE.judge(Question("number", lang, q, number=int(nums[0])), a)
+            assert j.verdict_correct and j.on_topic, (q, a)
+            checked += 1
+    assert checked > 100

@@ -34,8 +34,10 @@ class SeedWorldConfig:
     """Documents in all: textbook facts and forum posts."""
     forum_fraction: float = 0.3
     """Share of documents that are forum threads ("問：…\\n答：…")."""
-    worksheet_fraction: float = 0.1
-    """Share of documents that are textbook exercises with their (right) answers ("練習：…\\n答案：…")."""
+    worksheet_fraction: float = 0.0
+    """Share of documents that are textbook exercises with their (right) answers ("練習：…\\n答案：…"). Off in the
+    demo: with 10% of them the pretrained model already answers "27 是質數嗎？" right, and stage 0 no longer shows the
+    forum's claims; the sampled answers' wrong-number rate did not fall."""
     forum_wrong_rate: float = 0.2
     """Probability that a forum verdict on a prime or an easy composite is wrong."""
     forum_wrong_rate_hard: float = 0.6
