@@ -102,3 +102,20 @@ def test_rm_pair_table_with_a_hand_scorer():
     assert t["verdict/prime"] == 0.0 and t["verdict/hard"] == 1.0 and t["verdict/easy"] == 1.0
     assert t["reason/prime"] == 0.0 and t["reason/hard"] == 1.0
     assert len(pairs) == 4 * 2 * 2  # numbers x languages x (verdict, reason)
+
+
+def test_dialogue_table_by_hand():
+    """A turn counts when its verdict is right, on topic and its reason is not false; dialogues are the groups."""
+    o = GoldOracle()
+    q27 = Question("number", "zh", "27 是質數嗎？", number=27)
+    q91 = Question("number", "zh", "那 91 呢？", number=91)
+    why = Question("why", "zh", "為什麼？", number=91)
+    played = [
+        [(q27, "27 不是質數，因為它可以被 3 整除。"), (q91, "91 不是質數：91 = 7 × 13。"), (why, "因為 91 = 7 × 13。")],
+        [(q27, "不是。27 可以被 2 整除，所以 27 是合數。"), (q91, "91 是質數。"), (why, "91 可以被 7 整除。")],
+    ]
+    table = E.dialogue_table(played, o)
+    # dialogue 0: 3/3; dialogue 1: the false reason, the wrong verdict, then a valid reason: 1/3
+    assert table["turns_ok"] == pytest.approx((1.0 + 1 / 3) / 2)
+    assert table["turns_ok_se"] == pytest.approx(np.std([1.0, 1 / 3], ddof=1) / np.sqrt(2))
+    assert (table["turn0"], table["turn1"], table["turn2"]) == (0.5, 0.5, 1.0)

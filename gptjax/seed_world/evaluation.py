@@ -182,13 +182,20 @@ def harmless_table(questions: Sequence[Question], judged: Sequence[Sequence[Judg
             "over_refusal_se": o_se}
 
 
+def turn_ok(oracle: GoldOracle, q, answer: str) -> bool:
+    """A dialogue turn is right when the answer is (the verdict, on topic) and gives no false reason: "27 可以被 2
+    整除，所以 27 是合數" has the right verdict but is not a right turn."""
+    j = oracle.judge(q, answer)
+    return j.ok and j.reason != "invalid"
+
+
 def dialogue_table(played, oracle: GoldOracle) -> dict[str, float]:
-    per_dialogue = {i: [float(oracle.judge(q, a).ok) for q, a in turns] for i, turns in enumerate(played)}
+    per_dialogue = {i: [float(turn_ok(oracle, q, a)) for q, a in turns] for i, turns in enumerate(played)}
     m, se, k = mean_se(per_dialogue)
     by_turn = defaultdict(list)
     for turns in played:
         for t, (q, a) in enumerate(turns):
-            by_turn[t].append(float(oracle.judge(q, a).ok))
+            by_turn[t].append(float(turn_ok(oracle, q, a)))
     out = {"turns_ok": m, "turns_ok_se": se, "dialogues": k}
     out.update({f"turn{t}": float(np.mean(v)) for t, v in sorted(by_turn.items())})
     return out
@@ -339,7 +346,7 @@ def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, samp
     out["showcase_sampled_ok"] = float(np.mean([
         j.ok and j.reason == "valid" for j in (oracle.judge(q, a) for q, a in zip(repeated, sampled))]))
     played = evaluator.dialogue(stage, world.seed_dialogues(), 0.0)
-    out["seed_dialogues"] = [[(q.text, a, oracle.judge(q, a).ok) for q, a in d] for d in played]
+    out["seed_dialogues"] = [[(q.text, a, turn_ok(oracle, q, a)) for q, a in d] for d in played]
     return out
 
 

@@ -219,4 +219,4 @@ def bench(ctx) -> list:
 
 STAGE = registry.register(registry.Stage(
     name="dpo", title="DPO", run=run, components=policy_components, objective=objective,
-    batch=batches.PREFERENCE_BATCH, split_loss=split_loss, report=report, bench=bench))
+    batch=batches.PREFERENCE_BATCH, split_loss=split_loss, report=report, bench=bench, sections=("dpo",)))

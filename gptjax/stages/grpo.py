@@ -179,4 +179,5 @@ def bench(ctx) -> list:
 
 STAGE = registry.register(registry.Stage(
     name="grpo", title="GRPO", run=run, components=online_stage.policy_components, split_loss=reference.split_loss,
-    report=online_stage.make_report("grpo"), bench=bench))
+    report=online_stage.make_report("grpo"), bench=bench,
+    sections=("grpo", "sampling")))

@@ -91,6 +91,9 @@ class Stage:
     # PPO's experience and update), on abstract sharded arguments, for the ahead-of-time planner (tools.plan).
     # ``frozen_mesh``: other devices for frozen networks (PPO's reference and reward model), where a stage has any.
     plan: Callable[..., Any] | None = None
+    # Config sections of its own that it reads (PPO: "ppo_init", "ppo"): a config without one (another stage's,
+    # with config.stage changed) is refused in one line naming the config file that has them.
+    sections: tuple[str, ...] = ()
 
     def stored_config(self, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The config a run of this stage records in its workdir (and checks on resume)."""
@@ -168,6 +171,10 @@ def stage_of(stored: ml_collections.ConfigDict) -> Stage:
 def run_stage(cfg: ml_collections.ConfigDict, workdir: str):
     """Train (or resume) ``cfg.stage`` in ``workdir``: what ``experiments.train`` does."""
     stage = get(cfg.stage)
+    missing = [name for name in stage.sections if name not in cfg]
+    if missing:
+        raise ConfigError(f"config.stage={stage.name!r} reads the config section(s) {', '.join(missing)}, which this "
+                          f"config lacks; start from configs/{stage.name}.py (--config=configs/{stage.name}.py)")
     # Refuse a workdir of another config before spending time on data; the run checks again and writes.
     # Later stages store their config with the inherited (from_init) model and tokenizer filled in.
     workdir_lib.check_or_write_config(workdir, stage.stored_config(cfg),

@@ -199,4 +199,5 @@ def bench(ctx) -> list:
 
 STAGE = registry.register(registry.Stage(
     name="rs", title="rejection-sampling", run=run, components=policy_components, objective=sft.objective,
-    batch=batches.LM_BATCH, split_loss=reference.split_loss, report=report, bench=bench))
+    batch=batches.LM_BATCH, split_loss=reference.split_loss, report=report, bench=bench,
+    sections=("rs", "sampling")))

@@ -156,4 +156,5 @@ def bench(ctx) -> list:
 
 STAGE = registry.register(registry.Stage(
     name="rloo", title="RLOO", run=run, components=online_stage.policy_components, split_loss=reference.split_loss,
-    report=online_stage.make_report("rloo"), bench=bench))
+    report=online_stage.make_report("rloo"), bench=bench,
+    sections=("rloo", "sampling")))

@@ -101,20 +101,22 @@ def settings(cfg, default_model_from: str = "") -> tuple[str, str, str]:
     return source, model_from, function
 
 
-def reward_model_of(run_dir: str, tokenizer: Tokenizer, seq_len: int) -> ScoreModel:
-    """The reward model's own architecture (it may differ from the policy's), as its run stored it; dropout off."""
-    model_cfg, _ = common.resolve_from_init(common.stored_config(run_dir))
+def reward_model_of(run_dir: str, tokenizer: Tokenizer, seq_len: int, field: str = "reward.model_from") -> ScoreModel:
+    """The reward model's own architecture (it may differ from the policy's), as its run stored it; dropout off.
+    ``field`` is how messages name ``run_dir``."""
+    model_cfg, _ = common.resolve_from_init(common.stored_config(run_dir, field))
     return ScoreModel(common.no_dropout(common.build_model_config(model_cfg, tokenizer, seq_len)))
 
 
 def build(cfg, tokenizer: Tokenizer, mesh, seq_len: int, *, prompts_path: str,
-          default_model_from: str = "") -> ModelReward | FunctionReward:
+          default_model_from: str = "", default_field: str = "reward.model_from") -> ModelReward | FunctionReward:
     """The reward source the config names: the reward model loaded onto ``mesh`` (centred), or the function with
     the prompt records of ``prompts_path``."""
     source, model_from, function = settings(cfg, default_model_from)
     if source == "function":
         records = [dict(r) for _, r in post_training.iter_records(prompts_path)]
         return FunctionReward(load_function(function), records, tokenizer, function)
-    model = reward_model_of(model_from, tokenizer, seq_len)
-    params = reward.load_reward_params(model_from, common.abstract_params_of(model, mesh), "reward.model_from")
+    field = "reward.model_from" if cfg.get("reward") and cfg.reward.get("model_from") else default_field
+    model = reward_model_of(model_from, tokenizer, seq_len, field)
+    params = reward.load_reward_params(model_from, common.abstract_params_of(model, mesh), field)
     return ModelReward(model, params, model_from)

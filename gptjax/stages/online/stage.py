@@ -41,8 +41,11 @@ class Setup:
     ptx_iter: Any  # LM batches of the minibatch size, or None
 
 
-def setup(cfg, title: str, *, default_reward_from: str = "", ptx_rows: int = 0) -> Setup:
-    """Builds and loads what the config names; ``ptx_rows`` > 0 opens the PPO-ptx pretraining data (``cfg.ptx``)."""
+def setup(cfg, title: str, *, default_reward_from: str = "", default_reward_field: str = "reward.model_from",
+          ptx_rows: int = 0) -> Setup:
+    """Builds and loads what the config names; ``ptx_rows`` > 0 opens the PPO-ptx pretraining data (``cfg.ptx``).
+    ``default_reward_from``: the reward-model run when ``reward.model_from`` is unset (messages name it
+    ``default_reward_field``)."""
     if not cfg.train.init_from:
         raise ConfigError(f"{title} needs train.init_from (the SFT run: the initial policy and the reference)")
     rewards.settings(cfg, default_reward_from)  # a bad reward section fails before anything is loaded
@@ -51,9 +54,7 @@ def setup(cfg, title: str, *, default_reward_from: str = "", ptx_rows: int = 0) 
     tokenizer = common.build_tokenizer(cfg.tokenizer)
     gpt_cfg = common.build_model_config(cfg.model, tokenizer, prompt_len(cfg))
     policy_model = GPT(common.no_dropout(gpt_cfg))  # dropout off in RL
-    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-    policy_params = common.load_full_params(t.init_from, common.abstract_params_of(policy_model, mesh),
-                                            "train.init_from")
+    # The cheap checks first: prompts and lengths before any parameters are read.
     if not cfg.data.prompts_path:
         raise ConfigError(f"data.prompts_path: give the {title} prompts (JSONL, one {{\"prompt\": ...}} per line)")
     prompts = post_training.prompt_examples(cfg.data.prompts_path, tokenizer, prompt_len(cfg))
@@ -61,8 +62,11 @@ def setup(cfg, title: str, *, default_reward_from: str = "", ptx_rows: int = 0) 
         raise ConfigError(f"sampling.max_prompt_len + sampling.max_new_tokens = "
                           f"{prompt_len(cfg) + int(cfg.sampling.max_new_tokens)} exceeds the "
                           f"context model.max_len={gpt_cfg.max_len}")
+    mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    policy_params = common.load_full_params(t.init_from, common.abstract_params_of(policy_model, mesh),
+                                            "train.init_from")
     reward = rewards.build(cfg, tokenizer, mesh, prompt_len(cfg), prompts_path=cfg.data.prompts_path,
-                           default_model_from=default_reward_from)
+                           default_model_from=default_reward_from, default_field=default_reward_field)
     ptx_iter = None
     if ptx_rows:
         ptx_iter = make_lm_iterator(cfg.ptx, tokenizer, split="train", global_batch_size=ptx_rows,

@@ -35,8 +35,10 @@ def run(cfg, workdir: str, eval_fn: Callable | None = None) -> online.RLResult:
         raise ConfigError("PPO needs train.init_from (the SFT run) and ppo_init.reward_from (the reward-model run)")
     pcfg = PPOConfig.from_dict(cfg.ppo.to_dict())
     s = online_stage.setup(cfg, "PPO", default_reward_from=cfg.ppo_init.reward_from,
+                           default_reward_field="ppo_init.reward_from",
                            ptx_rows=pcfg.minibatch_size if pcfg.ptx_coef > 0 else 0)
-    value_model = rewards.reward_model_of(cfg.ppo_init.reward_from, s.tokenizer, prompt_len(s.cfg))
+    value_model = rewards.reward_model_of(cfg.ppo_init.reward_from, s.tokenizer, prompt_len(s.cfg),
+                                          "ppo_init.reward_from")
     value_params = common.load_full_params(cfg.ppo_init.reward_from, common.abstract_params_of(value_model, s.mesh),
                                            "ppo_init.reward_from")
     return online.run_rl(s.cfg, workdir, algo=ppo_loop.algorithm(pcfg, s.policy_model, value_model),
@@ -58,4 +60,5 @@ def components(stored, tokenizer) -> list[registry.Component]:
 
 STAGE = registry.register(registry.Stage(
     name="ppo", title="PPO", run=run, components=components, split_loss=reference.split_loss,
-    report=online_stage.make_report("ppo"), bench=ppo_bench.bench, plan=ppo_plan.plan))
+    report=online_stage.make_report("ppo"), bench=ppo_bench.bench, plan=ppo_plan.plan,
+    sections=("ppo_init", "ppo", "sampling")))
