@@ -128,7 +128,7 @@ def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
 def _smoke(c: ml_collections.ConfigDict) -> None:
     """Seconds instead of minutes: tiny world, model and runs (the tests' shared pipeline)."""
     p, s, r, o = c.pretrain, c.sft, c.reward, c.ppo
-    c.world.num_pretrain_docs = 2000
+    c.world.num_pretrain_docs = 3000  # the validation split holds the 2 batches tests evaluate on
     c.world.num_sft_demos = 64
     c.world.num_special_demos = 16
     c.world.num_harmful_demos = 8

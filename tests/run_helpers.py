@@ -109,8 +109,10 @@ def losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir, step: int) -> dict[str, np.ndarray]:
+    """The trained network's arrays at ``step``: ``params``, or an RL state's ``policy_params``."""
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-    return {k: np.asarray(v) for k, v in _flatten(restored["params"]).items()}
+    key = "policy_params" if "policy_params" in restored else "params"
+    return {k: np.asarray(v) for k, v in _flatten(restored[key]).items()}
 
 
 def assert_same_params(a: dict, b: dict) -> None:
