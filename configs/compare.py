@@ -23,7 +23,15 @@ import ml_collections
 
 from configs import chatgpt, dpo, grpo, rloo, rs
 
-GOLD_REWARD = "gptjax.seed_world.rewards:gold_reward"
+# The gold labeler as a reward function. compare's own adapter reads every kind of prompt record the seed world
+# writes (labeler.Question.from_record); gptjax.seed_world.rewards:gold_reward builds its Question positionally
+# and fails on the current world's records.
+GOLD_REWARD = "gptjax.seed_world.compare:gold_reward"
+
+
+# The smoke preset's answer budget for every sampling method: the barely trained smoke SFT policy ends only ~6% of
+# its answers within 16 tokens (a rejection-sampling round needs at least one that does), ~25% within 48.
+SMOKE_NEW_TOKENS = 48
 
 
 def _rl_common(c, pipeline, steps: int, points: int) -> None:
@@ -118,9 +126,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.budget.episodes = 1280  # responses sampled by each sampling method (20 RL iterations of 64)
     c.budget.points = 3  # checkpoints per run evaluated for the curves (the last is the final one)
     c.eval = ml_collections.ConfigDict()
-    c.eval.sampled_answers_per_question = 2  # the final held-out gold metrics (evaluation.StageEvaluator.gold)
+    c.eval.sampled_answers_per_question = 2  # T = 1 answers per held-out question for the final gold metrics
     c.eval.curve_seeds = 1  # seeds whose intermediate checkpoints are evaluated too (one answer per question)
-    c.eval.num_questions = 0  # held-out questions asked, evenly spread over the held-out numbers; 0 = all
+    c.eval.num_questions = 0  # held-out "is n prime?" questions asked, evenly spread over the numbers; 0 = all
+    c.eval.num_specials = 0  # held-out special questions (honesty) asked, evenly spread; 0 = all. Every held-out
+    # request (harmlessness) is asked.
     c.reference_method = "ppo"  # the table's Δ column and the "within 2 points" check compare with it
     c.gaps = (("ppo", "ppo-gold"), ("grpo", "grpo-gold"), ("rloo", "rloo-gold"))  # (learned RM, gold reward)
     if preset == "smoke":
@@ -128,7 +138,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.budget.episodes = 32
         c.budget.points = 2
         c.eval.sampled_answers_per_question = 1
-        c.eval.num_questions = 32
+        c.eval.num_questions = 32  # with 32 specials and the 26 requests: one evaluation batch of 128
+        c.eval.num_specials = 32
     rollout = int(pipeline.ppo.ppo.rollout_batch_size) if preset == "default" else 16
     steps, points = c.budget.episodes // rollout, int(c.budget.points)
     c.order = ("ppo", "grpo", "rloo", "ppo-gold", "grpo-gold", "rloo-gold", "dpo", "rs")  # the methods run, in order
@@ -140,16 +151,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.methods["grpo-gold"] = _gold(c.methods.grpo)
     c.methods["rloo-gold"] = _gold(c.methods.rloo)
     c.methods.dpo = _dpo(pipeline, 60 if preset == "default" else 2, points)
-    c.methods.rs = _rs(pipeline, int(c.budget.episodes), 2)
+    c.methods.rs = _rs(pipeline, int(c.budget.episodes), 2 if preset == "default" else 1)
     if preset == "smoke":
         for name in ("ppo", "grpo", "rloo", "ppo-gold", "grpo-gold", "rloo-gold"):
             m = c.methods[name]
             section = m[m.stage]
             section.rollout_batch_size, section.minibatch_size = rollout, 8
-            m.sampling.max_new_tokens = 16
+            m.sampling.max_new_tokens = SMOKE_NEW_TOKENS
         c.methods.grpo.grpo.group_size = c.methods["grpo-gold"].grpo.group_size = 4
-        c.methods.rs.sampling.max_new_tokens = 16
-        c.methods.rs.train.steps, c.methods.rs.train.ckpt_every = 2, 2
+        c.methods.rs.sampling.max_new_tokens = SMOKE_NEW_TOKENS  # one round of 32 answers (8 prompts × 4)
+        c.methods.rs.train.steps, c.methods.rs.train.ckpt_every = 2, 2  # per round
         c.methods.dpo.train.batch_size = 8
         c.methods.dpo.optim.warmup_steps = 0
     return c

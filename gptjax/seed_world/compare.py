@@ -22,18 +22,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gptjax import sampling, sharding
+from gptjax import sharding
 from gptjax.model import ScoreModel
-from gptjax.seed_world import compare_report, overopt
+from gptjax.seed_world import compare_report, evaluation, labeler, overopt
 from gptjax.seed_world import world as world_lib
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.stages import common, registry, reward
-from gptjax.stages.rollouts import RolloutEngine, Rollouts
 from gptjax.train import checkpoint as ckpt_lib
 from gptjax.train import metrics as metrics_lib
 
 RESULTS_FILE = "compare.json"
 RUN_FILE = "compare_run.json"  # in a run's workdir once it has finished: its wall time
+EVAL_VERSION = 2  # bumped when the evaluation changes: older cached evaluations are recomputed
+ORACLE = labeler.GoldOracle()  # the gold labeler (fixed weights), for gold_reward
 
 
 def placeholders(pipeline_dir: str) -> dict[str, str]:
@@ -69,14 +70,18 @@ def reward_label(cfg) -> str:
 
 
 class Evaluator:
-    """Held-out evaluation of a policy: the seed world's gold metrics, KL to the SFT policy, the RM's score."""
+    """Held-out evaluation of a policy: the seed world's gold metrics, KL to the SFT policy, the RM's score.
+
+    The held-out set asked is ``eval.num_questions`` "is n prime?" questions, ``eval.num_specials`` special
+    questions (honesty) and every held-out request (harmlessness), each list spread evenly through the world's
+    (0 = all of it); one ``StageEvaluator.ask`` per temperature and salt asks them all in the same batches."""
 
     def __init__(self, cfg, pipeline_dir: str):
         world_cfg = world_lib.SeedWorldConfig(**{**cfg.pipeline.world.to_dict(), "seed": int(cfg.pipeline.seed)})
         self.world = world_lib.build_world(world_cfg)
+        self.oracle = self.world.oracle
         self.sft_model, self.sft_params, self.tokenizer, _ = registry.load_policy(os.path.join(pipeline_dir, "sft"))
-        stored = cfg.pipeline.eval
-        self.evaluator = StageEvaluator(self.world, self.tokenizer, max_new_tokens=int(stored.max_new_tokens),
+        self.evaluator = StageEvaluator(self.tokenizer, max_new_tokens=int(cfg.pipeline.eval.max_new_tokens),
                                         seed=int(cfg.pipeline.seed))
         rm_dir = os.path.join(pipeline_dir, "reward")
         rm_stored = common.stored_config(rm_dir)
@@ -84,46 +89,65 @@ class Evaluator:
             common.resolve_from_init(rm_stored)[0], self.tokenizer, int(rm_stored.train.seq_len))))
         self.mesh = sharding.make_mesh((-1, 1, 1))
         self.rm_params = reward.load_reward_params(rm_dir, common.abstract_params_of(self.rm, self.mesh), rm_dir)
-        self.engine = RolloutEngine(self.sft_model, sampling.SamplingConfig(
-            max_new_tokens=int(stored.max_new_tokens), temperature=1.0, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size), batch_size=128)
         self.answers_per_question = int(cfg.eval.sampled_answers_per_question)
         self.questions = overopt.spread(self.world.heldout_questions, int(cfg.eval.num_questions))
+        self.specials = overopt.spread(self.world.heldout_specials, int(cfg.eval.get("num_specials", 0)))
+        self.requests = list(self.world.heldout_requests)
+        self.asked = self.questions + self.specials + self.requests
+
+    def settings(self) -> dict:
+        """What the evaluations depend on (a cached evaluation of other settings is recomputed)."""
+        return {"questions": len(self.questions), "specials": len(self.specials), "requests": len(self.requests),
+                "answers_per_question": self.answers_per_question, "max_new_tokens": self.evaluator.max_new_tokens,
+                "version": EVAL_VERSION}
 
     def policy(self, name: str, params) -> StageModel:
         # Every compared policy has the SFT policy's architecture: one model object, so one compiled sampler.
         return StageModel(name, self.sft_model, params, True)
 
     def heldout_metrics(self, policy: StageModel) -> dict[str, float]:
-        """The seed world's held-out gold metrics of a policy (greedy, and sampled answers averaged over
-        ``eval.sampled_answers_per_question``): what gptjax/seed_world/evaluation.py exposes for a policy."""
-        return self.evaluator.gold(policy, self.questions, sampled_answers_per_question=self.answers_per_question)
+        """The seed world's held-out gold tables of a policy, greedy (salt 0) and sampled (T = 1, salts 2.., as
+        ``evaluation.evaluate_policy``; ``eval.sampled_answers_per_question`` answers per question), flattened
+        as ``<mode>/<metric>``: evaluation.helpful_table's on the number questions (plus their EOS rate and mean
+        gold score), honest_table's on the special questions and harmless_table's on the requests."""
+        out: dict[str, float] = {}
+        for mode, temperature, salts in (("greedy", 0.0, [0]),
+                                         ("sampled", 1.0, range(2, self.answers_per_question + 2))):
+            answers = [self.evaluator.ask(policy, self.asked, temperature, salt) for salt in salts]
+            judged = [[self.oracle.judge(q, a.texts[i]) for a in answers] for i, q in enumerate(self.asked)]
+            out.update({f"{mode}/{k}": v for k, v in self._tables(answers, judged).items()})
+        return out
+
+    def _tables(self, answers, judged) -> dict[str, float]:
+        n, s = len(self.questions), len(self.questions) + len(self.specials)
+        table = evaluation.helpful_table(self.questions, judged[:n])
+        table["eos"] = float(np.mean([a.rollouts.finished_B[:n] for a in answers]))
+        table["mean_gold_score"] = float(np.mean([j.score for js in judged[:n] for j in js]))
+        honest = evaluation.honest_table(self.specials, judged[n:s])
+        honest["special_values"] = honest.pop("values")
+        table.update(honest)
+        table.update(evaluation.harmless_table(self.requests, judged[s:]))
+        return table
 
     def curve_point(self, policy: StageModel) -> dict[str, float]:
-        """Gold metrics of one sampled answer per held-out question (the evaluator's KL set, salt 1), the mean
-        per-answer KL(π ‖ π_SFT) on them and the RM's mean score of them."""
-        questions = self.questions
-        answers, rows = self.evaluator.generate(policy, questions, 1.0, salt=1)
-        rollouts = _rollouts(rows)
-        gold = self.world.oracle.evaluate(questions, answers)
-        kl = self.engine.kl(policy.params, self.sft_params, rollouts)
+        """Gold metrics of one sampled answer per held-out number question (salt 1, the set ``kl_to`` uses), the
+        mean per-answer KL(π ‖ π_SFT) on them and the reward model's mean score of them."""
+        answers = self.evaluator.ask(policy, self.questions, 1.0, salt=1)
+        judged = [[self.oracle.judge(q, a)] for q, a in zip(self.questions, answers.texts)]
+        gold = evaluation.helpful_table(self.questions, judged)
+        rollouts = answers.rollouts
+        kl = self.evaluator.engine(policy.model, 1.0).kl(policy.params, self.sft_params, rollouts)
         rm = reward.reward_scores(self.rm, self.rm_params, rollouts.tokens_BT, rollouts.valid_BT)
-        return {**{f"curve/{k}": v for k, v in gold.items()}, "kl_to_sft": float(np.mean(kl)),
-                "rm_score": float(np.mean(rm))}
+        return {"curve/balanced_accuracy": gold["balanced_accuracy"],
+                "curve/mean_gold_score": float(np.mean([js[0].score for js in judged])),
+                "kl_to_sft": float(np.mean(kl)), "rm_score": float(np.mean(rm))}
 
 
-def _rollouts(rows) -> Rollouts:
-    """The evaluator's padded (prompt, sampler output) batches as one ``Rollouts``."""
-    parts = []
-    for tokens_BP, valid_BP, out in rows:
-        n = tokens_BP.shape[0]
-        mask = np.asarray(out.mask_BN)[:n]
-        parts.append((np.concatenate([tokens_BP, np.asarray(out.tokens_BN)[:n]], 1),
-                      np.concatenate([valid_BP, mask], 1), np.concatenate([np.zeros_like(valid_BP), mask], 1),
-                      np.asarray(out.finished_B)[:n]))
-    width = max(p[0].shape[1] for p in parts)
-    padded = [tuple(np.pad(x, ((0, 0), (0, width - x.shape[1]))) if x.ndim == 2 else x for x in p) for p in parts]
-    return Rollouts(*(np.concatenate(xs) for xs in zip(*padded)), None)
+def gold_reward(prompt_record: dict, answer: str) -> float:
+    """The seed world's gold labeler as a reward function (``reward.function``) for the ``-gold`` methods: the
+    score of ``answer`` to the question the prompt record's "meta" describes (``labeler.Question.from_record``:
+    every kind of prompt the world writes, numbers, specials and requests alike)."""
+    return ORACLE.score(labeler.Question.from_record(prompt_record, "gold_reward"), answer)
 
 
 def _budget_used(run_dir: str, step: int) -> dict[str, float]:
@@ -161,13 +185,16 @@ def evaluate_run(ev: Evaluator, run_dir: str, name: str, *, curve: bool) -> dict
     return {"final": {**final, **points[-1]}, "curve": points}
 
 
-def _cached(path: str, compute):
+def _cached(path: str, settings: dict, compute):
+    """``compute()``, stored at ``path`` with ``settings``; read back while the settings are the same."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            stored = json.load(f)
+        if stored.get("settings") == settings:
+            return stored["value"]
     value = compute()
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
+        json.dump({"settings": settings, "value": value}, f, indent=1, ensure_ascii=False)
     return value
 
 
@@ -181,7 +208,7 @@ def run_comparison(cfg, workdir: str, out_dir: str | None = None) -> dict:
     values = placeholders(pipeline_dir)
     ev = Evaluator(cfg, pipeline_dir)
     sft_policy = ev.policy("sft", ev.sft_params)
-    sft = _cached(os.path.join(out_dir, "sft_eval.json"), lambda: {"final": {
+    sft = _cached(os.path.join(out_dir, "sft_eval.json"), ev.settings(), lambda: {"final": {
         **ev.heldout_metrics(sft_policy), **ev.curve_point(sft_policy), "generated_tokens": 0.0, "episodes": 0.0}})
     runs: dict = {}
     for s_index, seed in enumerate(cfg.seeds):
@@ -191,17 +218,16 @@ def run_comparison(cfg, workdir: str, out_dir: str | None = None) -> dict:
             mcfg = method_config(method, values, seed)
             start = time.time()
             wall = _train(mcfg, run_dir)
-            result = _cached(os.path.join(run_dir, "compare_eval.json"), lambda: evaluate_run(
-                ev, run_dir, name, curve=s_index < int(cfg.eval.curve_seeds)))
+            curve = s_index < int(cfg.eval.curve_seeds)
+            result = _cached(os.path.join(run_dir, "compare_eval.json"), {**ev.settings(), "curve": curve},
+                             lambda: evaluate_run(ev, run_dir, name, curve=curve))
             result.update(wall_s=wall, stage=mcfg.stage, reward=reward_label(mcfg))
             runs.setdefault(name, {})[str(seed)] = result
             logging.info("compare: %s seed %d done in %.0f s (training %.0f s)", name, seed, time.time() - start,
                          wall)
     timings["total_s"] = time.time() - t0
     results = {"workdir": pipeline_dir, "out": out_dir, "seeds": list(cfg.seeds), "sft": sft, "runs": runs,
-               "settings": {"episodes": int(cfg.budget.episodes),
-                            "answers_per_question": int(cfg.eval.sampled_answers_per_question),
-                            "num_questions": len(ev.questions)},
+               "settings": {"episodes": int(cfg.budget.episodes), **ev.settings()},
                "reference_method": cfg.reference_method, "gaps": [list(g) for g in cfg.gaps],
                "timings_s": timings}
     results["summary"] = compare_report.summarize(results)

@@ -8,17 +8,26 @@ import os
 
 import numpy as np
 
-# The table's columns: (result key, header, format).
-COLUMNS = (("sampled/balanced_accuracy", "bal. acc. T=1", "{:.3f}"),
+# The table's columns: (result key, header, format). "sampled/…" are T = 1 answers (eval.sampled_answers_per_question
+# per question), "greedy/…" one greedy answer; the keys are compare.Evaluator.heldout_metrics' and curve_point's.
+COLUMNS = (("sampled/prime/accuracy", "primes", "{:.3f}"),
+           ("sampled/easy/accuracy", "easy comp.", "{:.3f}"),
+           ("sampled/hard/accuracy", "hard comp.", "{:.3f}"),
+           ("sampled/balanced_accuracy", "helpful: bal. acc.", "{:.3f}"),
            ("greedy/balanced_accuracy", "bal. acc. greedy", "{:.3f}"),
-           ("sampled/valid_reason_rate", "valid reason", "{:.3f}"),
+           ("sampled/off_topic", "off topic", "{:.3f}"),
+           ("sampled/honest", "honest", "{:.3f}"),
+           ("sampled/refused", "harmless: refused", "{:.3f}"),
+           ("sampled/over_refusal", "over-refusal", "{:.3f}"),
            ("sampled/mean_gold_score", "gold score", "{:.3f}"),
            ("kl_to_sft", "KL to SFT", "{:.2f}"),
            ("rm_score", "RM score", "{:.2f}"),
            ("generated_tokens", "gen. tokens", "{:,.0f}"),
            ("episodes", "episodes", "{:,.0f}"),
            ("wall_s", "wall s", "{:.0f}"))
+HEADLINE = "sampled/balanced_accuracy"  # the Δ column, the gaps and the "within 2 points" check
 CURVE_Y = "curve/balanced_accuracy"
+CURVE_KEYS = ("generated_tokens", "kl_to_sft", CURVE_Y, "curve/mean_gold_score", "rm_score")  # averaged per step
 
 
 def _stats(values) -> dict:
@@ -34,7 +43,7 @@ def _curve(per_seed: dict) -> list[dict]:
         for point in result["curve"]:
             by_step.setdefault(int(point["step"]), []).append(point)
     return [{"step": step, **{k: float(np.mean([p[k] for p in points]))
-                              for k in ("generated_tokens", "kl_to_sft", CURVE_Y, "rm_score")},
+                              for k in CURVE_KEYS},
              "seeds": len(points)} for step, points in sorted(by_step.items())]
 
 
@@ -48,7 +57,7 @@ def summarize(results: dict) -> dict:
         methods[name] = {"stage": first["stage"], "reward": first["reward"],
                          **{key: _stats([f[key] for f in finals]) for key, _, _ in COLUMNS},
                          "curve": _curve(per_seed)}
-    key = COLUMNS[0][0]
+    key = HEADLINE
     ref = methods.get(results["reference_method"])
     summary = {"methods": methods, "gaps": {}, "within_2_points": []}
     if ref is not None:
@@ -87,8 +96,12 @@ def format_table(results: dict) -> str:
     st = results["settings"]
     lines += ["", f"Within 2 points of {results['reference_method']}'s sampled balanced accuracy: {within}.", "",
               f"Seeds {results['seeds']}; {st['episodes']} sampled responses per sampling method; held-out: "
-              f"{st['num_questions']} questions, {st['answers_per_question']} sampled answers each (T = 1) and "
-              f"one greedy; KL and RM score on one more sampled answer per question.",
+              f"{st['questions']} \"is n prime?\" questions (per class: primes, easy and hard composites; "
+              f"balanced accuracy = their mean), {st['specials']} special questions (honest), {st['requests']} "
+              f"requests (harmful: refused; benign: over-refusal), {st['answers_per_question']} sampled answers "
+              f"each (T = 1) and one greedy; gold score: the labeler's mean score of the sampled answers to the "
+              f"number questions; KL to SFT, RM score and the curves on one more sampled answer per number "
+              f"question.",
               "Timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in results["timings_s"].items())]
     return "\n".join(lines)
 
