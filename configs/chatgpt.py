@@ -128,7 +128,7 @@ def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
 def _smoke(c: ml_collections.ConfigDict) -> None:
     """Seconds instead of minutes: tiny world, model and runs (the tests' shared pipeline)."""
     p, s, r, o = c.pretrain, c.sft, c.reward, c.ppo
-    c.world.num_pretrain_docs = 3000  # the validation split holds the 2 batches tests evaluate on
+    c.world.num_pretrain_docs = 2000
     c.world.num_sft_demos = 64
     c.world.num_special_demos = 16
     c.world.num_harmful_demos = 8
@@ -140,6 +140,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.world.num_rm_prompts = 128
     c.tokenizer.pieces = 1024
     _model(p, 2, 32, 2, 256)
+    p.data.val_fraction = 0.05  # ~100 validation documents: the batches the tests evaluate on
     p.train.steps, p.train.batch_size, p.train.eval_every, p.train.ckpt_every = 20, 8, 20, 20
     p.optim.warmup_steps = 2
     # Batches divisible by the 8 fake CPU devices of the test environment.

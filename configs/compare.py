@@ -23,10 +23,8 @@ import ml_collections
 
 from configs import chatgpt, dpo, grpo, rloo, rs
 
-# The gold labeler as a reward function. compare's own adapter reads every kind of prompt record the seed world
-# writes (labeler.Question.from_record); gptjax.seed_world.rewards:gold_reward builds its Question positionally
-# and fails on the current world's records.
-GOLD_REWARD = "gptjax.seed_world.compare:gold_reward"
+# The gold labeler as a reward function (every kind of prompt record the seed world writes).
+GOLD_REWARD = "gptjax.seed_world.rewards:gold_reward"
 
 
 # The smoke preset's answer budget for every sampling method: the barely trained smoke SFT policy ends only ~6% of

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from configs import compare as compare_config
-from gptjax.seed_world import compare, compare_report, labeler
+from gptjax.seed_world import compare, compare_report, labeler, rewards
 
 import run_helpers
 
@@ -62,7 +62,7 @@ def test_gold_reward_is_the_labelers_score_on_every_kind_of_record():
                  labeler.Question("special", "en", "Is -7 prime?", value="-7", special="negative")]
     for q in questions:
         for answer in ("Yes, 7 is prime.", "9 可以被 3 整除，所以 9 不是質數。", "I cannot tell."):
-            assert compare.gold_reward(q.to_record(), answer) == oracle.score(q, answer)
+            assert rewards.gold_reward(q.to_record(), answer) == oracle.score(q, answer)
 
 
 def test_cached_evaluations_are_recomputed_when_the_settings_change(tmp_path):

@@ -24,7 +24,7 @@ from absl import logging
 
 from gptjax import sharding
 from gptjax.model import ScoreModel
-from gptjax.seed_world import compare_report, evaluation, labeler, overopt
+from gptjax.seed_world import compare_report, evaluation, overopt
 from gptjax.seed_world import world as world_lib
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.stages import common, registry, reward
@@ -34,7 +34,6 @@ from gptjax.train import metrics as metrics_lib
 RESULTS_FILE = "compare.json"
 RUN_FILE = "compare_run.json"  # in a run's workdir once it has finished: its wall time
 EVAL_VERSION = 2  # bumped when the evaluation changes: older cached evaluations are recomputed
-ORACLE = labeler.GoldOracle()  # the gold labeler (fixed weights), for gold_reward
 
 
 def placeholders(pipeline_dir: str) -> dict[str, str]:
@@ -141,13 +140,6 @@ class Evaluator:
         return {"curve/balanced_accuracy": gold["balanced_accuracy"],
                 "curve/mean_gold_score": float(np.mean([js[0].score for js in judged])),
                 "kl_to_sft": float(np.mean(kl)), "rm_score": float(np.mean(rm))}
-
-
-def gold_reward(prompt_record: dict, answer: str) -> float:
-    """The seed world's gold labeler as a reward function (``reward.function``) for the ``-gold`` methods: the
-    score of ``answer`` to the question the prompt record's "meta" describes (``labeler.Question.from_record``:
-    every kind of prompt the world writes, numbers, specials and requests alike)."""
-    return ORACLE.score(labeler.Question.from_record(prompt_record, "gold_reward"), answer)
 
 
 def _budget_used(run_dir: str, step: int) -> dict[str, float]:

@@ -14,12 +14,6 @@ ORACLE = labeler.GoldOracle()  # the labeler's default weights (the seed world's
 
 
 def gold_reward(prompt_record: dict, answer: str) -> float:
-    """The gold labeler's score of ``answer`` to the question of ``prompt_record`` ({"prompt", "meta": {"number",
-    "language"}})."""
-    meta = prompt_record.get("meta")
-    if not isinstance(meta, dict) or "number" not in meta or "language" not in meta:
-        raise ValueError(f"gold_reward needs a seed-world prompt record {{'prompt', 'meta': {{'number', 'language'}}}}"
-                         f", got keys {sorted(prompt_record)}")
-    prompt = prompt_record.get("prompt")
-    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-    return ORACLE.score(labeler.Question(int(meta["number"]), str(meta["language"]), text), answer)
+    """The gold labeler's score of ``answer`` to the question of ``prompt_record`` ({"prompt", "meta"}: every kind
+    of prompt the world writes, numbers, special values and requests, read by ``labeler.Question.from_record``)."""
+    return ORACLE.score(labeler.Question.from_record(prompt_record, "gold_reward"), answer)

@@ -224,7 +224,7 @@ def run_rl(cfg, workdir: str, *, algo: Algorithm, policy_model: GPT, value_model
     # Positions each iteration scores and trains on (prompt + response slots, padding included).
     episode_tokens = algo.rollout_batch_size * (prompts_NP[0].shape[1] + sampling_cfg.max_new_tokens)
     with run:
-        state = _restore_or_init(run, iteration, policy_params, value_params, base_key, ptx_iter)
+        state = _restore_or_init(run, iteration, policy_params, value_params, base_key, ptx_iter, mesh)
         writer = run.open_metrics(int(state.step))
         metrics: dict = {}
         start_step = int(state.step)
@@ -252,15 +252,23 @@ def run_rl(cfg, workdir: str, *, algo: Algorithm, policy_model: GPT, value_model
 
 
 def _restore_or_init(run: run_lib.RunContext, iteration: Iteration, policy_params, value_params, base_key,
-                     ptx_iter) -> RLState:
+                     ptx_iter, mesh) -> RLState:
     """The workdir's latest checkpoint (and ptx data position), else a fresh state."""
     # Copies: the update donates the state's buffers, while the reference keeps the initial policy's.
     copy = functools.partial(jax.tree.map, jnp.copy)
     state = iteration.init_state(copy(policy_params), copy(value_params), jnp.copy(jax.random.key_data(base_key)))
     latest = run.ckpt.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                                state)
+        # Restored as the fresh state is laid out; its scalars (step, KL coefficient, key) replicated over the mesh,
+        # not committed to one device, which the mesh's jitted update would refuse.
+        replicated = sharding_lib.replicated(mesh)
+
+        def layout(x):
+            sharding = getattr(x, "sharding", None)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if isinstance(
+                sharding, jax.sharding.NamedSharding) else replicated)
+
+        abstract = jax.tree.map(layout, state)
         restored = run.ckpt.restore(latest, abstract)
         state = restored.state
         if ptx_iter is not None and restored.data_state is not None:
