@@ -301,3 +301,15 @@ def test_gpt3_175b_compiles_for_v5p_64_chips_within_3_minutes():
     assert elapsed <= 180, f"planning took {elapsed:.0f} s"
     # 175B x 12 bytes (fp32 params + Adam moments) / 64 chips, from the TPU compiler's own argument bytes.
     assert plan.programs[0].argument_bytes == pytest.approx(174.6e9 * 12 / 64, rel=0.01)
+
+
+def test_per_device_bytes_counts_shards_and_typed_keys():
+    """A refused program's arguments are counted from their shardings: an fsdp-sharded array by its shard, a
+    replicated typed PRNG key (PPO's update key) by its key data (2 x uint32)."""
+    from gptjax.tools.plan import programs
+
+    mesh = sharding.make_mesh((1, -1, 1))
+    n = mesh.devices.size
+    weights = jax.ShapeDtypeStruct((8 * n, 4), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
+    assert programs.per_device_bytes({"w": weights, "key": key}) == 8 * 4 * 4 + 8

@@ -27,8 +27,16 @@ def per_device_bytes(abstract_tree) -> float:
     """Bytes one device holds of ShapeDtypeStructs/arrays carrying shardings."""
     total = 0
     for x in jax.tree.leaves(abstract_tree):
-        total += math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        total += math.prod(x.sharding.shard_shape(x.shape)) * _itemsize(x.dtype)
     return float(total)
+
+
+def _itemsize(dtype) -> int:
+    """Bytes per element; a typed PRNG key (an extended dtype) holds its key data."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+        return math.prod(data.shape) * jnp.dtype(data.dtype).itemsize
+    return jnp.dtype(dtype).itemsize
 
 
 def stage_plan(cfg, mesh: Mesh, frozen_mesh: Mesh | None = None) -> aot.StagePlan:
