@@ -184,8 +184,10 @@ def _stage_args(smoke: str, stage: str) -> list[str]:
                 "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.ckpt_every=2",
                 "--config.train.log_every=1", "--config.train.keep_ckpts=0", "--config.optim.lr=1e-4",
                 "--config.optim.warmup_steps=0"],
+        # The smoke SFT policy seldom ends an answer early: room to reach EOS, and 64 answers a round.
         "rs": common_rl + [f"--config.reward.model_from={runs.format('reward')}", "--config.rs.rounds=2",
-                           "--config.rs.prompts_per_round=8", "--config.rs.samples_per_prompt=4",
+                           "--config.sampling.max_new_tokens=48",
+                           "--config.rs.prompts_per_round=8", "--config.rs.samples_per_prompt=8",
                            "--config.train.batch_size=8", "--config.train.log_every=1"],
     }[stage]
 
