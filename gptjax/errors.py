@@ -9,7 +9,7 @@ They live here, below every other module, so that raising one imports nothing el
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 class UserError(Exception):
@@ -67,3 +67,13 @@ def dataclass_from_dict(cls, fields: Mapping[str, Any], section: str):
     if unknown:
         raise ConfigError(f"unknown {section} config field(s) {unknown}; valid fields: {sorted(known)}")
     return cls(**dict(fields))
+
+
+def check_ranges(settings, section: str, *, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """One ConfigError naming ``section.field`` for the first field of a settings dataclass out of its range."""
+    for name in positive:
+        if not getattr(settings, name) > 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {getattr(settings, name)}")
+    for name in non_negative:
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(settings, name)}")

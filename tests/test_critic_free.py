@@ -10,6 +10,7 @@ the reward-greedy policy.
 
 import json
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,8 @@ from gptjax.errors import ConfigError
 from gptjax.model import GPT, GPTConfig
 from gptjax.stages import grpo, rl, rloo
 from gptjax.stages.online import loop as online
+from gptjax.stages.ppo.objective import PPOConfig
+from gptjax.stages.rejection_sampling import RSConfig
 
 
 def test_group_advantages_hand_examples():
@@ -174,3 +177,15 @@ def test_short_run_raises_programmatic_reward_with_bounded_kl(make_algo, tmp_pat
     # The KL term keeps it far from the greedy "always 7" policy (score 3 at KL ≈ 3·log 48 ≈ 11.6 nats).
     assert np.all(kls < 0.5 * R * math.log(CFG.vocab_size)) and np.all(scores < 2.9), (scores, kls)
     assert (tmp_path / "checkpoints" / str(steps)).is_dir()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: grpo.GRPOConfig(group_size=0), "grpo.group_size must be positive, got 0"),
+    (lambda: grpo.GRPOConfig(kl_coef=-0.1), "grpo.kl_coef must be >= 0, got -0.1"),
+    (lambda: rloo.RLOOConfig(epochs=0), "rloo.epochs must be positive, got 0"),
+    (lambda: PPOConfig(vf_coef=-1.0), "ppo.vf_coef must be >= 0, got -1.0"),
+    (lambda: RSConfig(rounds=0), "rs.rounds must be positive, got 0"),
+])
+def test_settings_out_of_range_name_the_field(make, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.data import batches
-from gptjax.errors import ConfigError, dataclass_from_dict
+from gptjax.errors import ConfigError, check_ranges, dataclass_from_dict
 from gptjax.model import GPT
 from gptjax.stages import reference, registry, rl
 from gptjax.stages.online import bench as online_bench
@@ -59,15 +59,11 @@ class GRPOConfig:
     loss_chunk: int = 0  # >0: vocabulary projections this many positions at a time
 
     def __post_init__(self):
-        for name in ("group_size", "rollout_batch_size", "minibatch_size", "epochs", "clip_eps", "temperature",
-                     "std_eps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"grpo.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "grpo", positive=("group_size", "rollout_batch_size", "minibatch_size", "epochs",
+                                             "clip_eps", "temperature", "std_eps"),
+                     non_negative=("kl_coef", "score_clip", "loss_chunk"))
         if self.group_size < 2:
             raise ConfigError(f"grpo.group_size={self.group_size}: a group needs at least 2 responses")
-        for name in ("kl_coef", "score_clip", "loss_chunk"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if self.kl_in not in KL_IN:
             raise ConfigError(f"grpo.kl_in={self.kl_in!r} is unknown; valid choices: {list(KL_IN)}")
 

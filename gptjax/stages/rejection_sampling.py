@@ -29,7 +29,7 @@ from absl import logging
 
 from gptjax import flops, sampling, sharding
 from gptjax.data import batches, post_training
-from gptjax.errors import ConfigError, dataclass_from_dict
+from gptjax.errors import ConfigError, check_ranges, dataclass_from_dict
 from gptjax.model import GPT
 from gptjax.stages import common, reference, registry, sft
 from gptjax.stages.online import rewards
@@ -52,9 +52,7 @@ class RSConfig:
     temperature: float = 1.0  # sampling temperature
 
     def __post_init__(self):
-        for name in ("rounds", "prompts_per_round", "samples_per_prompt", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"rs.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "rs", positive=("rounds", "prompts_per_round", "samples_per_prompt", "temperature"))
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "RSConfig":

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.data import batches
-from gptjax.errors import ConfigError, dataclass_from_dict
+from gptjax.errors import ConfigError, check_ranges, dataclass_from_dict
 from gptjax.model import GPT
 from gptjax.stages import reference, registry, rl
 from gptjax.stages.online import bench as online_bench
@@ -55,14 +55,11 @@ class RLOOConfig:
     loss_chunk: int = 0  # >0: vocabulary projections this many positions at a time
 
     def __post_init__(self):
-        for name in ("k", "rollout_batch_size", "minibatch_size", "epochs", "clip_eps", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"rloo.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "rloo", positive=("k", "rollout_batch_size", "minibatch_size", "epochs", "clip_eps",
+                                             "temperature"),
+                     non_negative=("kl_coef", "score_clip", "loss_chunk"))
         if self.k < 2:
             raise ConfigError(f"rloo.k={self.k}: the leave-one-out baseline needs at least 2 responses per prompt")
-        for name in ("kl_coef", "score_clip", "loss_chunk"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"rloo.{name} must be >= 0, got {getattr(self, name)}")
         if self.loss not in LOSSES:
             raise ConfigError(f"rloo.loss={self.loss!r} is unknown; valid choices: {list(LOSSES)}")
 

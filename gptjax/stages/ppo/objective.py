@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import rlax
 
 from gptjax.data import batches
-from gptjax.errors import ConfigError, dataclass_from_dict
+from gptjax.errors import ConfigError, check_ranges, dataclass_from_dict
 from gptjax.model import GPT, ScoreModel
 from gptjax.stages import rl
 from gptjax.stages.pretrain import lm_loss
@@ -56,13 +56,9 @@ class PPOConfig:
     loss_chunk: int = 0  # >0: compute vocabulary projections this many positions at a time (memory)
 
     def __post_init__(self):
-        positive = ("clip_eps", "value_clip_eps", "temperature", "ppo_epochs", "rollout_batch_size", "minibatch_size")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"ppo.{name} must be positive, got {getattr(self, name)}")
-        for name in ("kl_coef", "vf_coef", "ptx_coef", "score_clip", "loss_chunk"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, "ppo", positive=("clip_eps", "value_clip_eps", "temperature", "ppo_epochs",
+                                            "rollout_batch_size", "minibatch_size"),
+                     non_negative=("kl_coef", "vf_coef", "ptx_coef", "score_clip", "loss_chunk"))
         if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ConfigError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1]; got {self.gamma}, {self.lam}")
         if self.rollout_batch_size % self.minibatch_size:
