@@ -313,3 +313,16 @@ def test_per_device_bytes_counts_shards_and_typed_keys():
     weights = jax.ShapeDtypeStruct((8 * n, 4), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
     assert programs.per_device_bytes({"w": weights, "key": key}) == 8 * 4 * 4 + 8
+
+
+def test_a_mesh_the_topology_cannot_hold_is_a_refused_candidate(monkeypatch):
+    """Confirming the search's winner on a TPU torus: a mesh whose axes the torus cannot hold (8 on a 4x4x4) is a
+    candidate with an error, so the next fitting one is tried, not a traceback."""
+    def no_assignment(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 2 of size 8\nmore")
+
+    monkeypatch.setattr(search_lib, "plan_stage", no_assignment)
+    cfg = get_config("tiny")
+    candidate = search_lib._compile(cfg, None, (1, 8, 8), "full", 1, int(cfg.train.batch_size))
+    assert candidate.plan is None
+    assert candidate.error.startswith("mesh (1, 8, 8) does not map onto the topology: Failed to find assignment")

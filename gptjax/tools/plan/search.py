@@ -149,6 +149,8 @@ def _compile(cfg, target, mesh, remat, per_rank, batch) -> Candidate:
         candidate.plan = plan_stage(_variant(cfg, remat, per_rank, mesh[0] * mesh[1], batch), target, mesh)
     except (ConfigError, jax.errors.JaxRuntimeError) as e:
         candidate.error = str(e).splitlines()[0][:160]
+    except NotImplementedError as e:  # a TPU topology's torus cannot hold this mesh's axis sizes
+        candidate.error = f"mesh {mesh} does not map onto the topology: {str(e).splitlines()[0][:120]}"
     jax.clear_caches()
     return candidate
 
