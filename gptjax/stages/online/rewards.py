@@ -85,12 +85,15 @@ def load_function(spec: str, field: str = "reward.function") -> Callable:
     return fn
 
 
-def settings(cfg, default_model_from: str = "") -> tuple[str, str, str]:
-    """(source, reward-model run, function spec) of the config's ``reward`` section (None fields: the defaults,
-    "model" and ``default_model_from``), checked."""
+def settings(cfg, default_model_from: str = "",
+             default_field: str = "reward.model_from") -> tuple[str, str, str, str]:
+    """(source, reward-model run, the field that named the run, function spec) of the config's ``reward`` section
+    (None fields: the defaults, "model" and ``default_model_from``, which messages call ``default_field``),
+    checked."""
     section = cfg.get("reward") or {}
     source = section.get("source") or "model"
-    model_from = section.get("model_from") or default_model_from
+    model_from, field = ((section["model_from"], "reward.model_from") if section.get("model_from")
+                         else (default_model_from, default_field))
     function = section.get("function") or ""
     if source not in SOURCES:
         raise ConfigError(f"reward.source={source!r} is unknown; valid choices: {list(SOURCES)}")
@@ -98,7 +101,7 @@ def settings(cfg, default_model_from: str = "") -> tuple[str, str, str]:
         raise ConfigError("reward.source='model' needs the reward-model run: set reward.model_from")
     if source == "function" and not function:
         raise ConfigError("reward.source='function' needs reward.function='module.path:callable'")
-    return source, model_from, function
+    return source, model_from, field, function
 
 
 def reward_model_of(run_dir: str, tokenizer: Tokenizer, seq_len: int, field: str = "reward.model_from") -> ScoreModel:
@@ -112,11 +115,10 @@ def build(cfg, tokenizer: Tokenizer, mesh, seq_len: int, *, prompts_path: str,
           default_model_from: str = "", default_field: str = "reward.model_from") -> ModelReward | FunctionReward:
     """The reward source the config names: the reward model loaded onto ``mesh`` (centred), or the function with
     the prompt records of ``prompts_path``."""
-    source, model_from, function = settings(cfg, default_model_from)
+    source, model_from, field, function = settings(cfg, default_model_from, default_field)
     if source == "function":
         records = [dict(r) for _, r in post_training.iter_records(prompts_path)]
         return FunctionReward(load_function(function), records, tokenizer, function)
-    field = "reward.model_from" if cfg.get("reward") and cfg.reward.get("model_from") else default_field
     model = reward_model_of(model_from, tokenizer, seq_len, field)
     params = reward.load_reward_params(model_from, common.abstract_params_of(model, mesh), field)
     return ModelReward(model, params, model_from)
