@@ -116,6 +116,9 @@ def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     # The labeler also writes two answers per prompt (the expert's and a flawed one of the kind the prompt invites),
     # so every ranking holds a pair that differs in what matters: SFT samples of one prompt are often alike.
     c.labels.written = True
+    # ... and, for number questions, the same bare sentence with the true and with the false verdict (a minimal
+    # pair: the verdict alone decides which ranks higher).
+    c.labels.verdict_pair = True
     c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # answer budget when asking the held-out questions

@@ -282,3 +282,25 @@ def test_worksheet_register_answers_right_and_restates_the_number():
             assert j.verdict_correct and j.on_topic, (q, a)
             checked += 1
     assert checked > 100
+
+
+def test_labelers_verdict_pair_is_minimal_ranked_right_and_unlike_the_evaluation(world):
+    import random
+
+    from gptjax.seed_world.evaluation import verdict_pairs
+    from gptjax.seed_world.labels import written_answers
+    rng = random.Random(0)
+    for n in (world.train_numbers[0], 2, 9, 97, 91):
+        for lang in T.LANGUAGES:
+            q = Question("number", lang, f"{n}?", number=n)
+            plain = written_answers(q, random.Random(1), world)
+            paired = written_answers(q, random.Random(1), world, verdict_pair=True)
+            assert paired[:2] == plain and len(paired) == 4
+            true, false = paired[2:]
+            assert _mentions(true, n) and _mentions(false, n) and true != false
+            # the verdict alone differs, and the gold labeler ranks the true one higher
+            assert ORACLE.judge(q, true).verdict_correct and not ORACLE.judge(q, false).verdict_correct
+            assert ORACLE.score(q, true) > ORACLE.score(q, false)
+            # and they are not the strings the reward model's verdict-only test scores
+            evaluated = {s for p in verdict_pairs([n], rng) for s in p[1:3]}
+            assert not {true, false} & evaluated

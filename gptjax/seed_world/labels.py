@@ -3,8 +3,11 @@
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
 `labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer
 of the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal) — so every
-ranking holds a pair that differs in what matters; and the gold oracle ranks them (distinct scores only, best
-first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
+ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions:
+the same bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone
+decides their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often
+instead of which is true (one seed's preferred "not prime" for every held-out prime). The gold oracle ranks them
+all (distinct scores only, best first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from gptjax.seed_world.labeler import Question
 from gptjax.seed_world.world import SeedWorld, honest_answer
 
 
-def written_answers(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
-    """The expert's answer to `q` and one flawed answer of the kind `q` invites (empty for other kinds)."""
+def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_pair: bool = False) -> list[str]:
+    """The expert's answer to `q` and one flawed answer of the kind `q` invites (empty for other kinds); for a
+    number question with `verdict_pair`, also the bare true and the bare false verdict."""
     writer = T.Writer(rng, frozenset(world.heldout_numbers))
     lang = q.language
     if q.kind == "number":
-        return [writer.expert(q.number, lang), writer.wrong(rng.choice(T.WRONG_KINDS), q.number, lang)]
+        answers = [writer.expert(q.number, lang), writer.wrong(rng.choice(T.WRONG_KINDS), q.number, lang)]
+        if verdict_pair:
+            answers += [T.LABELER_VERDICTS[v][lang].format(n=q.number) for v in (q.is_prime, not q.is_prime)]
+        return answers
     if q.kind == "why":
         return [writer.why(q.number, lang), writer.wrong("wrong_verdict_bogus_reason", q.number, lang)]
     if q.kind == "special":
@@ -42,14 +49,14 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld) -> list[s
 
 
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
-                   written: bool, eval_fraction: float, seed: int) -> dict[str, str]:
+                   written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False) -> dict[str, str]:
     """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
     questions: Sequence[Question] = world.rm_prompts
     samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
     rng = random.Random(f"seed-world/{seed}/labels")
     records = []
     for qi, q in enumerate(questions):
-        answers = [samples[i][qi] for i in range(k)] + (written_answers(q, rng, world) if written else [])
+        answers = [samples[i][qi] for i in range(k)] + (written_answers(q, rng, world, verdict_pair) if written else [])
         record = world.oracle.ranking_record(q, answers, max_ranked=9)
         if record is not None:
             records.append(record)

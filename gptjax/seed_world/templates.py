@@ -104,6 +104,11 @@ WRONG = {
         False: {"zh": ("{n} 不是質數，因為它可以被 {b} 整除。",), "en": ("No — {n} is divisible by {b}.",)}},
 }
 WRONG_KINDS = tuple(WRONG)
+# A bare verdict in the words the labelers write when they contrast two answers (true for primes / for composites).
+# Phrased unlike the evaluation's verdict-only pairs (evaluation.verdict_pairs), so that test measures whether the
+# reward model learned the verdict, not these strings.
+LABELER_VERDICTS = {True: {"zh": "{n} 是一個質數。", "en": "{n} is a prime number."},
+                    False: {"zh": "{n} 是合數。", "en": "{n} is composite."}}
 BOGUS_DIVISORS = range(2, 10)  # "divisible by b" in wrong answers: small, so never a held-out number
 
 # --- honesty: numbers whose answer is not a plain verdict --------------------------------------------------------
