@@ -1,7 +1,7 @@
 """The seed world's evaluation (gptjax/seed_world/evaluation.py) against hand-computed small cases and second
 implementations: per-class accuracy and its standard error over numbers, the balanced accuracy; the honesty and
-harmlessness rates; the knowledge probe against a token-by-token log-likelihood loop; the RM paired test with a
-hand-written scorer."""
+harmlessness rates; the knowledge probe and the number-copy probability against token-by-token loops; the RM
+paired test with a hand-written scorer."""
 
 import random
 
@@ -89,6 +89,41 @@ def test_knowledge_probe_matches_a_token_by_token_loop():
     assert probe["prime"] == pytest.approx(expected[13])
     assert probe["easy"] == pytest.approx(expected[15])
     assert probe["hard"] == pytest.approx((expected[27] + expected[91]) / 2)
+
+
+def test_number_copy_matches_a_token_by_token_loop():
+    """P(n) at the first token of the expert's answer that spells n, recomputed from the unpadded rows' next-token
+    distributions (float64); numbers 2..9 are one byte each, so the byte tokenizer qualifies."""
+    from gptjax.data import chat
+    from gptjax.seed_world import templates as T
+
+    tok = make_tokenizer("bytes")
+    model = GPT(GPTConfig(vocab_size=384, max_len=256, num_layers=1, d_model=32, num_heads=2))
+    params = model.init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
+    questions = [Question("number", lang, f"{n}?", number=n) for n, lang in ((3, "zh"), (4, "zh"), (7, "en"), (9, "en"))]
+    evaluator = E.StageEvaluator(tok, max_new_tokens=8, seed=0)
+    got = E.number_copy(evaluator, E.StageModel("sft", model, params, True), questions)
+
+    writer = T.Writer(random.Random("seed-world/copy"))  # the answers number_copy teacher-forces, in its order
+    by_number = {}
+    for q in questions:
+        prompt = chat.render_prompt(q.conversation, tok).tolist()
+        answer = tok.encode(writer.expert(q.number, q.language))
+        ids = prompt + answer
+        at = len(prompt) + next(i for i, t in enumerate(answer) if tok.decode([t]) == str(q.number))
+        logits = model.apply({"params": params}, jnp.asarray([ids]), jnp.arange(len(ids))[None],
+                             jnp.ones((1, len(ids)), jnp.int32), deterministic=True)[0]
+        row = np.asarray(logits[0, at - 1, :tok.vocab_size], np.float64)
+        p = np.exp(row - row.max())
+        by_number.setdefault(q.number, []).append(p[ids[at]] / p.sum())
+    expected = {n: np.mean(v) for n, v in by_number.items()}
+    assert got["prime"] == pytest.approx((expected[3] + expected[7]) / 2, rel=1e-4)
+    assert got["easy"] == pytest.approx(expected[4], rel=1e-4)
+    assert got["hard"] == pytest.approx(expected[9], rel=1e-4)
+    assert got["mean"] == pytest.approx(np.mean([got["prime"], got["easy"], got["hard"]]))
+    # a tokenizer that spells 27 in two tokens gets no number
+    assert E.number_copy(evaluator, E.StageModel("sft", model, params, True),
+                         [Question("number", "en", "27?", number=27)]) == {}
 
 
 def test_rm_pair_table_with_a_hand_scorer():

@@ -242,6 +242,39 @@ def knowledge_probe(model, params, tokenizer, numbers: Sequence[int], batch: int
     return out
 
 
+def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequence[Question], batch: int = 256
+                ) -> dict[str, float]:
+    """Per class (SE over numbers): the probability the policy gives the asked number where the expert's answer
+    first names it, teacher-forced on that answer (prompted as `stage` is). Answers at T = 1 are off topic about as
+    often as this falls short of 1, so it tells a policy that cannot copy the number from one that chose to talk
+    about another. Needs a tokenizer that spells each number as one token (the seed world's); {} otherwise."""
+    import random
+
+    tok, writer = evaluator.tokenizer, T.Writer(random.Random("seed-world/copy"))
+    rows, targets, numbers = [], [], []
+    for q in (q for q in questions if q.kind == "number"):
+        prompt = evaluator.prompt_ids(q.conversation, q.language, stage.chat_format)
+        answer = tok.encode(writer.expert(q.number, q.language))
+        at = [i for i, t in enumerate(answer) if tok.decode([t]).strip() == str(q.number)]
+        if not at:
+            return {}
+        rows.append(prompt + answer)
+        targets.append(len(prompt) + at[0])
+        numbers.append(q.number)
+    tokens, valid = _right_padded(rows, tok.pad_id)
+    fn = jax.jit(functools.partial(response_logprobs, model=stage.model, vocab_size=tok.vocab_size))
+    logp = np.concatenate([np.asarray(fn(stage.params, tokens[s:s + batch], valid[s:s + batch]))
+                           for s in range(0, len(rows), batch)])
+    groups: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in CLASSES}
+    for i, (n, t) in enumerate(zip(numbers, targets)):
+        groups[number_class(n)][n].append(float(np.exp(logp[i, t])))
+    out = {}
+    for c in CLASSES:
+        out[c], out[f"{c}_se"], _ = mean_se(groups[c])
+    out["mean"] = float(np.mean([out[c] for c in CLASSES]))
+    return out
+
+
 def reward_scorer(model, params, tokenizer) -> Callable[[Sequence[tuple[list[dict], str]]], np.ndarray]:
     """(conversation, response) pairs -> the reward model's scores, rendered as in its training (EOS-terminated)."""
     def score(pairs):
@@ -339,6 +372,8 @@ def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, samp
             evaluator, stage, world.heldout_requests, oracle, temperature, salts)[1])
         out[f"dialogue/{mode}"] = dialogue_table(evaluator.dialogue(stage, world.heldout_dialogues, temperature,
                                                                     salts[0]), oracle)
+    for split, questions in (("heldout", world.heldout_questions), ("train", world.train_questions)):
+        out[f"copy/{split}"] = number_copy(evaluator, stage, questions)
     showcase = world.showcase_questions
     out["showcase"] = dict(zip([q.text for q in showcase], evaluator.ask(stage, showcase, 0.0).texts))
     repeated = [q for q in showcase for _ in range(showcase_samples)]

@@ -67,6 +67,19 @@ def probe_lines(results: dict) -> list[str]:
             f"  training numbers: {cells(p['probe/train'])}", f"  held-out numbers: {cells(p['probe/heldout'])}"]
 
 
+def copy_lines(results: dict) -> list[str]:
+    """P(the asked number) where the expert's answer names it: what off-topic sampled answers come from."""
+    if "copy/heldout" not in results["sft"] or not results["sft"]["copy/heldout"]:
+        return []
+    rows = [["stage", "split", *CLASS_NAMES.values(), "mean"]]
+    for stage in POLICIES:
+        for split in ("heldout", "train"):
+            t = results[stage][f"copy/{split}"]
+            rows.append([stage, split, *[_pm(t[c], t[f"{c}_se"]) for c in CLASSES], _pm(t["mean"])])
+    return ["Copying the number: P(n) where the expert's answer names the asked n (teacher-forced) ± s.e.",
+            *_grid(rows)]
+
+
 def reward_lines(results: dict) -> list[str]:
     rm = results["reward"]
     lines = ["Reward model prefers the true answer (pairs that differ only in the verdict / in verdict and reason):"]
@@ -95,9 +108,9 @@ def example_lines(results: dict) -> list[str]:
 
 def format_report(results: dict) -> str:
     """Everything `make demo` prints for one seed."""
-    blocks = [helpful_lines(results, "heldout"), helpful_lines(results, "train"), probe_lines(results),
-              reward_lines(results), axes_lines(results), example_lines(results)]
-    return "\n\n".join("\n".join(b) for b in blocks)
+    blocks = [helpful_lines(results, "heldout"), helpful_lines(results, "train"), copy_lines(results),
+              probe_lines(results), reward_lines(results), axes_lines(results), example_lines(results)]
+    return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
 # --- several seeds ------------------------------------------------------------------------------------------------
@@ -126,6 +139,9 @@ def seed_row(res: dict) -> dict[str, float]:
             row[f"{stage}/{mode}/honest"], row[f"{stage}/{mode}/hallucination"] = h["honest"], h["hallucination"]
             row[f"{stage}/{mode}/refused"], row[f"{stage}/{mode}/over_refusal"] = s["refused"], s["over_refusal"]
             row[f"{stage}/{mode}/dialogue"] = d["turns_ok"]
+        for split in ("heldout", "train"):
+            if res[stage].get(f"copy/{split}"):
+                row[f"{stage}/copy/{split}"] = res[stage][f"copy/{split}"]["mean"]
         ok = [all(turn_ok for _, _, turn_ok in d) for d in res[stage]["seed_dialogues"]]
         row[f"{stage}/seed_dialogues_ok"] = float(all(ok))
         row[f"{stage}/showcase_ok"] = float(all(_valid_27(a) for a in res[stage]["showcase"].values()))
@@ -182,8 +198,8 @@ def checks(per_seed: dict[str, dict[str, float]], mean: dict[str, float]) -> dic
 
 def summarize_seeds(all_results: Sequence[dict]) -> dict:
     per_seed = {str(res["seed"]): seed_row(res) for res in all_results}
-    keys = list(next(iter(per_seed.values())))
-    mean = {k: float(np.nanmean([row[k] for row in per_seed.values()])) for k in keys}
+    keys = list(dict.fromkeys(k for row in per_seed.values() for k in row))  # a resumed seed may lack newer rows
+    mean = {k: float(np.nanmean([row.get(k, np.nan) for row in per_seed.values()])) for k in keys}
     return {"per_seed": per_seed, "mean": mean, "checks": checks(per_seed, mean)}
 
 
@@ -193,7 +209,7 @@ def format_seed_summary(summary: dict) -> str:
     lines = ["| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
              "|---|" + "---|" * (len(seeds) + 1)]
     for k, mean in summary["mean"].items():
-        vals = [summary["per_seed"][s][k] for s in seeds]
+        vals = [summary["per_seed"][s].get(k, float("nan")) for s in seeds]
         fmt = (lambda v: f"{v:.0f}") if k == "total_s" else (lambda v: f"{v:.3f}")  # noqa: E731
         lines.append(f"| {k} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(mean)} |")
     lines.append("")
