@@ -49,6 +49,9 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
             for axis, metric in (("honest", "honest"), ("honest", "hallucination"), ("harmless", "refused"),
                                  ("harmless", "over_refusal"), ("dialogue", "turns_ok")):
                 assert 0.0 <= results[stage][f"{axis}/{mode}"][metric] <= 1.0
+        for split in ("heldout", "train"):  # the world's tokenizer spells every number as one token
+            copy = results[stage][f"copy/{split}"]
+            assert all(0.0 < copy[c] < 1.0 for c in ("prime", "easy", "hard", "mean")), (stage, split, copy)
         assert set(results[stage]["showcase"]) == {"27 是不是質數？", "Is 27 a prime number?"}
         assert len(results[stage]["seed_dialogues"]) == 4
     for split in ("train", "heldout"):
@@ -58,7 +61,7 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
         assert all(0.0 <= v <= 1.0 for k, v in results["reward"][split].items() if not k.endswith("_se") and v == v)
     assert 0.0 <= results["reward"]["rankings_pairwise_accuracy"] <= 1.0
     report = tables.format_report(results)
-    for heading in ("Helpful:", "Knowledge probe", "Reward model prefers", "Helpful, honest, harmless",
+    for heading in ("Helpful:", "Copying the number", "Knowledge probe", "Reward model prefers", "Helpful, honest, harmless",
                     "The talk's example"):
         assert heading in report
     # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.
