@@ -61,7 +61,8 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
         assert all(0.0 <= v <= 1.0 for k, v in results["reward"][split].items() if not k.endswith("_se") and v == v)
     assert 0.0 <= results["reward"]["rankings_pairwise_accuracy"] <= 1.0
     report = tables.format_report(results)
-    for heading in ("Helpful:", "Copying the number", "Knowledge probe", "Reward model prefers", "Helpful, honest, harmless",
+    for heading in ("Helpful:", "Copying the number", "Honest answers by kind", "Knowledge probe",
+                    "Reward model prefers", "Helpful, honest, harmless",
                     "The talk's example"):
         assert heading in report
     # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.

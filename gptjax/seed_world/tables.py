@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gptjax.seed_world.labeler import SPECIAL_KINDS
 from gptjax.seed_world.numbers import CLASSES
 
 POLICIES = ("pretrain", "sft", "ppo")
@@ -60,6 +61,17 @@ def axes_lines(results: dict) -> list[str]:
     return ["Helpful, honest, harmless: held-out prompts (new numbers, values and phrasings) ± s.e.", *_grid(rows)]
 
 
+def honest_kind_lines(results: dict) -> list[str]:
+    """The honest rate per kind of held-out value: which questions the honest axis fails on."""
+    names = {"below_two": "0 and 1", "negative": "negative", "non_integer": "not an integer", "large": "too large"}
+    rows = [["stage", "answers", *(names[k] for k in SPECIAL_KINDS)]]
+    for stage in POLICIES:
+        for mode in MODES:
+            h = results[stage][f"honest/{mode}"]
+            rows.append([stage, mode, *(_pm(h.get(f"{k}/honest", float("nan"))) for k in SPECIAL_KINDS)])
+    return ["Honest answers by kind of held-out value:", *_grid(rows)]
+
+
 def probe_lines(results: dict) -> list[str]:
     p = results["pretrain"]
     cells = lambda probe: "  ".join(f"{CLASS_NAMES[c]} {_pm(probe[c])}" for c in CLASSES)  # noqa: E731
@@ -109,7 +121,8 @@ def example_lines(results: dict) -> list[str]:
 def format_report(results: dict) -> str:
     """Everything `make demo` prints for one seed."""
     blocks = [helpful_lines(results, "heldout"), helpful_lines(results, "train"), copy_lines(results),
-              probe_lines(results), reward_lines(results), axes_lines(results), example_lines(results)]
+              probe_lines(results), reward_lines(results), axes_lines(results), honest_kind_lines(results),
+              example_lines(results)]
     return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
