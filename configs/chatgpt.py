@@ -40,13 +40,16 @@ def _pretrain_config() -> ml_collections.ConfigDict:
     p.model.scan_layers = False  # 4 layers: unrolled runs ~25% faster on XLA:CPU and compiles in seconds
     p.train.seq_len = 128
     p.train.batch_size = 32
-    p.train.steps = 600
+    # 1,200 steps (4.9M tokens): copying the asked number into the answer is learned late. At 600 steps the
+    # pretrained model gave the number where the answer names it 0.29 probability on held-out numbers (SFT: 0.47),
+    # and ~40% of sampled answers were about another number; at 1,200 steps 0.70 (SFT: 0.62).
+    p.train.steps = 1200
     p.optim.lr = 3e-3
     p.optim.warmup_steps = 60
     p.train.log_every = 100
-    p.train.eval_every = 600
+    p.train.eval_every = 1200
     p.train.eval_batches = 4
-    p.train.ckpt_every = 600
+    p.train.ckpt_every = 1200
     p.train.sample_prompts = ("大家都知道，27", "問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
     p.train.sample_max_new_tokens = 24
     return p
