@@ -6,8 +6,7 @@ Sections: ``world`` (gptjax/seed_world/world.py SeedWorldConfig fields), one ful
 (``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
 by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
 Presets: ``demo`` (``make demo``, ~43 minutes on a 2-core CPU running three seeds at once; its numbers are
-in docs/results.md)
-and ``smoke`` (seconds, for tests).
+in docs/results.md) and ``smoke`` (seconds, for tests).
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def test_number_copy_matches_a_token_by_token_loop():
     tok = make_tokenizer("bytes")
     model = GPT(GPTConfig(vocab_size=384, max_len=256, num_layers=1, d_model=32, num_heads=2))
     params = model.init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
-    questions = [Question("number", lang, f"{n}?", number=n) for n, lang in ((3, "zh"), (4, "zh"), (7, "en"), (9, "en"))]
+    questions = [Question("number", lang, f"{n}?", number=n)
+                 for n, lang in ((3, "zh"), (4, "zh"), (7, "en"), (9, "en"))]
     evaluator = E.StageEvaluator(tok, max_new_tokens=8, seed=0)
     got = E.number_copy(evaluator, E.StageModel("sft", model, params, True), questions)
 

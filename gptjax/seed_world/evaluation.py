@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -248,8 +249,6 @@ def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequenc
     first names it, teacher-forced on that answer (prompted as `stage` is). Answers at T = 1 are off topic about as
     often as this falls short of 1, so it tells a policy that cannot copy the number from one that chose to talk
     about another. Needs a tokenizer that spells each number as one token (the seed world's); {} otherwise."""
-    import random
-
     tok, writer = evaluator.tokenizer, T.Writer(random.Random("seed-world/copy"))
     rows, targets, numbers = [], [], []
     for q in (q for q in questions if q.kind == "number"):
@@ -400,8 +399,6 @@ def evaluate_reward_model(world, model, params, tokenizer, seed: int, rankings_e
     """The paired tests: verdict-only and verdict+reason pairs on training and held-out numbers; honest vs
     hallucinated, refusal vs compliance and answer vs over-refusal on held-out prompts; and the pairwise accuracy
     on the labelers' held-out rankings."""
-    import random
-
     rng = random.Random(f"seed-world/{seed}/rm-pairs")
     score = reward_scorer(model, params, tokenizer)
     train_numbers = sorted({q.number for q in world.train_questions})

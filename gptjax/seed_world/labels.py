@@ -7,7 +7,8 @@ ranking holds a pair that differs in what matters — and, with `verdict_pair`, 
 the same bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone
 decides their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often
 instead of which is true (one seed's preferred "not prime" for every held-out prime). The gold oracle ranks them
-all (distinct scores only, best first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
+all (distinct scores only, best first). Held-out numbers never appear: the prompts are about training numbers and
+the writer avoids the others.
 """
 
 from __future__ import annotations
