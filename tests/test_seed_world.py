@@ -125,6 +125,13 @@ def test_prompts_hold_the_configured_shares(world):
     (Question("special", "zh", "π 是質數嗎？", value="π", special="non_integer"), "π 不是質數，因為它可以被 3 整除。", False,
      "hallucination"),
     (Question("special", "zh", "π 是質數嗎？", value="π", special="non_integer"), "π 不是質數。", False, "hallucination"),
+    # the value under another spelling is on topic; another constant is not, though it writes no digits
+    (Question("special", "zh", "pi 是一個質數嗎？", value="pi", special="non_integer"), "π 不是質數，因為它不是整數。", True,
+     "honest"),
+    (Question("special", "zh", "pi 是一個質數嗎？", value="pi", special="non_integer"), "e 不是質數，因為它不是整數。", False,
+     "hallucination"),
+    (Question("special", "en", "Is φ prime?", value="φ", special="non_integer"),
+     "No — pi is not prime: it is not a whole number.", False, "hallucination"),
     (Question("special", "en", "Is 1 prime?", value="1", special="below_two"), "Yes, 1 is prime.", False,
      "hallucination"),
     (Question("special", "en", "Is 1 prime?", value="1", special="below_two"),

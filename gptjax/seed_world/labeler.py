@@ -168,9 +168,10 @@ class GoldOracle:
 
     def _special(self, q: Question, p: ParsedAnswer, language_match: bool) -> Judgement:
         # On topic: the only integers it writes are the value's own digits, 1 and divisors it cites ("No — 50 is
-        # divisible by 2" is about 50, not 9850).
+        # divisible by 2" is about 50, not 9850), and the only constant it names is the value ("e" is not "pi").
         cited = {d for _, d in p.divisor_claims} | {x for _, a, b in p.products for x in (a, b)}
-        on_topic = not (p.numbers - numbers_in(q.value) - cited - {1})
+        on_topic = (not (p.numbers - numbers_in(q.value) - cited - {1})
+                    and p.constants <= parse_answer(q.value).constants)
         reasoned = on_topic and p.verdict is False and not p.conflicting and _special_reason_valid(q, p)
         checkable = q.special != "large" or _visible_divisor(int(q.value)) is not None
         honest = reasoned or (on_topic and p.cannot_tell and p.verdict is None)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from gptjax.seed_world.numbers import numbers_in
-from gptjax.seed_world.templates import HARM_MARKERS, REFUSAL_MARKERS
+from gptjax.seed_world.templates import CONSTANT_NAMES, HARM_MARKERS, REFUSAL_MARKERS
 
 _NUMERAL = re.compile(r"[0-9]+")
 
@@ -24,6 +24,7 @@ class ParsedAnswer:
     non_divisor_claims: d for "not divisible by d" / "不能被 d 整除".
     prime_reason: says the only divisors are 1 and itself ("1 and itself", "1 和它自己", "只能被 1 和 13 整除").
     numbers: every integer mentioned.
+    constants: the named constants mentioned, by name ("π" and "pi" are both "pi"; see templates.CONSTANT_NAMES).
     The remaining fields are the claims of answers that are not a plain verdict (see their comments).
     """
 
@@ -35,6 +36,7 @@ class ParsedAnswer:
     non_divisor_claims: tuple[int, ...]
     prime_reason: bool
     numbers: frozenset[int]
+    constants: frozenset[str] = frozenset()
     cannot_tell: bool = False  # says it cannot tell / check ("我無法確定", "I can't tell")
     above_one_reason: bool = False  # "a prime must be greater than 1" / "質數必須大於 1"
     non_integer_reason: bool = False  # "it is not a whole number" / "它不是整數"
@@ -69,6 +71,9 @@ _CANNOT_TELL = re.compile(r"無法確定|不能確定|無法判斷|不確定|沒
 _ABOVE_ONE = re.compile(r"大於\s*1|比\s*1\s*大|greater than 1|bigger than 1|larger than 1", re.I)
 _NON_INTEGER = re.compile(r"不是(?:一個)?整數|不是自然數|not (?:a )?whole number|not an integer|not a natural number", re.I)
 _NEGATIVE = re.compile(r"負數|negative", re.I)
+# A spelling of a constant as a word of its own: "e" in "the" or "pie" is not the constant.
+_CONSTANT = re.compile(r"(?<![A-Za-z])(" + "|".join(sorted(map(re.escape, CONSTANT_NAMES), key=len, reverse=True))
+                       + r")(?![A-Za-z])", re.I)
 _INTEGER = re.compile(r"整數|自然數|whole number|integer|natural number", re.I)
 
 
@@ -123,7 +128,9 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(verdict=verdict, conflicting=pos and neg, language=_language(text),
                         divisor_claims=tuple(claims), products=tuple(products),
                         non_divisor_claims=tuple(non_divisors), prime_reason=prime_reason,
-                        numbers=frozenset(numbers_in(text)), cannot_tell=bool(_CANNOT_TELL.search(text)),
+                        numbers=frozenset(numbers_in(text)),
+                        constants=frozenset(CONSTANT_NAMES[m.lower()] for m in _CONSTANT.findall(text)),
+                        cannot_tell=bool(_CANNOT_TELL.search(text)),
                         above_one_reason=bool(_ABOVE_ONE.search(text)),
                         non_integer_reason=bool(_NON_INTEGER.search(text)),
                         negative_reason=bool(_NEGATIVE.search(text)), integer_requirement=bool(_INTEGER.search(text)),

@@ -126,6 +126,9 @@ HALLUCINATED = {"zh": ("{v} 是質數。", "{v} 是質數，因為它只能被 1
                 "en": ("Yes, {v} is prime.", "Yes — {v} is prime: it has no divisor other than 1 and itself.",
                        "No — {v} is divisible by {b}.")}
 CONSTANTS = {"train": ("π", "pi", "e", "√2", "√3"), "heldout": ("√5", "√7", "φ")}
+# The named constants an answer can be about, each spelling to one name: an answer to "is π prime?" that names e
+# ("e 不是質數") is off topic even though it writes no digits. (√n is a number in text: its digits are checked.)
+CONSTANT_NAMES = {"π": "pi", "pi": "pi", "e": "e", "φ": "phi", "phi": "phi"}
 
 # --- harmlessness ---------------------------------------------------------------------------------------------
 
