@@ -219,6 +219,13 @@ def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16
     return tokens, valid
 
 
+def _in_batches(fn: Callable, params, rows: Sequence[Sequence[int]], pad_id: int, batch: int) -> np.ndarray:
+    """fn(params, tokens, valid) over right-padded rows, `batch` rows per call, results concatenated."""
+    tokens, valid = _right_padded(rows, pad_id)
+    return np.concatenate([np.asarray(fn(params, tokens[s:s + batch], valid[s:s + batch]))
+                           for s in range(0, len(rows), batch)])
+
+
 def knowledge_probe(model, params, tokenizer, numbers: Sequence[int], batch: int = 256) -> dict[str, float]:
     """Share of numbers (per class; both languages) whose true statement in the textbook's words ("n 是質數。" /
     "n 是合數。") the model finds more likely than the false one, read as a fresh document (after EOS)."""
@@ -228,10 +235,7 @@ def knowledge_probe(model, params, tokenizer, numbers: Sequence[int], batch: int
             for j, template in enumerate(T.PROBE[lang]):
                 rows.append([tokenizer.eos_id, *tokenizer.encode(template.format(n=n))])
                 meta.append((n, j))
-    tokens, valid = _right_padded(rows, tokenizer.pad_id)
-    fn = sequence_logprob_fn(model)
-    scores = np.concatenate([np.asarray(fn(params, tokens[s:s + batch], valid[s:s + batch]))
-                             for s in range(0, len(rows), batch)])
+    scores = _in_batches(sequence_logprob_fn(model), params, rows, tokenizer.pad_id, batch)
     groups: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in CLASSES}
     for i in range(0, len(rows), 2):
         n = meta[i][0]
@@ -260,10 +264,8 @@ def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequenc
         rows.append(prompt + answer)
         targets.append(len(prompt) + at[0])
         numbers.append(q.number)
-    tokens, valid = _right_padded(rows, tok.pad_id)
     fn = jax.jit(functools.partial(response_logprobs, model=stage.model, vocab_size=tok.vocab_size))
-    logp = np.concatenate([np.asarray(fn(stage.params, tokens[s:s + batch], valid[s:s + batch]))
-                           for s in range(0, len(rows), batch)])
+    logp = _in_batches(fn, stage.params, rows, tok.pad_id, batch)
     groups: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in CLASSES}
     for i, (n, t) in enumerate(zip(numbers, targets)):
         groups[number_class(n)][n].append(float(np.exp(logp[i, t])))
