@@ -61,7 +61,7 @@ overopt: $(BIN)/.installed
 	$(BIN)/python -m experiments.overopt --workdir=$(WORKDIR)
 
 # PPO, GRPO, RLOO (learned and gold reward), DPO and rejection sampling at equal budgets, 3 seeds, on the demo's
-# pipeline workdir (runs the pipeline first if needed); table and plots in $(WORKDIR)/compare.
+# pipeline workdir (runs the pipeline through its reward model first if needed); table and plots in $(WORKDIR)/compare.
 compare: $(BIN)/.installed
 	$(BIN)/python -m experiments.compare --workdir=$(WORKDIR)
 

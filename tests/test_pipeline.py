@@ -183,3 +183,19 @@ def test_runs_load_from_relative_workdirs(smoke, monkeypatch):
     _, expected, _, _ = registry.load_policy(os.path.join(workdir, "ppo"))
     assert stage == "ppo"
     _params_close(params, expected, atol=0.0)
+
+
+def test_pipeline_stops_after_the_reward_model_when_asked(smoke, monkeypatch):
+    """`through="reward"` (what the stage-3 comparison needs) trains up to the reward model and neither runs PPO
+    nor writes the report; on a finished workdir every stage it reaches is skipped."""
+    workdir, cfg, _ = smoke
+    report = os.path.join(workdir, "results.json")
+    before = os.path.getmtime(report)
+    ran, real_train = [], pipeline._train
+    monkeypatch.setattr(pipeline, "_train", lambda name, *a: ran.append(name) or real_train(name, *a))
+    out = pipeline.run_pipeline(cfg, workdir, through="reward")
+    assert ran == ["pretrain", "sft", "reward"]
+    assert set(out) == {"timings_s"} and {"pretrain", "sft", "labels", "reward", "total"} <= set(out["timings_s"])
+    assert os.path.getmtime(report) == before
+    with pytest.raises(ValueError, match="valid stop points"):
+        pipeline.run_pipeline(cfg, workdir, through="ppo")

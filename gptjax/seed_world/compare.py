@@ -193,7 +193,9 @@ def _cached(path: str, settings: dict, compute):
 def run_comparison(cfg, workdir: str, out_dir: str | None = None) -> dict:
     """Every method × seed (see the module docstring); returns the results and writes the report."""
     t0 = time.time()
-    pipeline_dir = overopt.ensure_pipeline(cfg.pipeline, workdir)
+    # The methods start from the pipeline's SFT run and reward model: its own PPO run and report are not needed
+    # (`make demo` on the same workdir resumes them).
+    pipeline_dir = overopt.ensure_pipeline(cfg.pipeline, workdir, through="reward")
     timings = {"pipeline_s": time.time() - t0}
     out_dir = os.path.abspath(out_dir or os.path.join(pipeline_dir, "compare"))
     os.makedirs(out_dir, exist_ok=True)

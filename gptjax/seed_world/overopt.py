@@ -355,12 +355,13 @@ def ppo_curve(o, run_dir: str, evaluate: Callable[[Any, int], dict], initial: di
 
 # --- the study ----------------------------------------------------------------------------------------------
 
-def ensure_pipeline(pipeline_cfg, workdir: str) -> str:
-    """A finished seed-world pipeline in ``workdir`` (its results.json), running (or resuming) it if needed."""
+def ensure_pipeline(pipeline_cfg, workdir: str, through: str = "evaluation") -> str:
+    """A seed-world pipeline in ``workdir`` finished at least ``through`` that point (pipeline.STOP_POINTS; a
+    finished one has its results.json), running (or resuming) it if needed."""
     workdir = os.path.abspath(workdir)
     if not os.path.exists(os.path.join(workdir, "results.json")):
-        logging.info("no finished pipeline in %s (no results.json): running it", workdir)
-        pipeline.run_pipeline(pipeline_cfg, workdir)
+        logging.info("no finished pipeline in %s (no results.json): running it through %s", workdir, through)
+        pipeline.run_pipeline(pipeline_cfg, workdir, through=through)
     return workdir
 
 

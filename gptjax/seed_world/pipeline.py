@@ -95,8 +95,16 @@ def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel],
     return results
 
 
-def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) every stage and returns {stage: metrics}; writes WORKDIR/results.json."""
+# What a pipeline run can stop after: jobs built on its SFT run and reward model (the stage-3 comparison, the
+# over-optimisation study) need neither its PPO run nor its report.
+STOP_POINTS = ("reward", "evaluation")
+
+
+def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "evaluation") -> dict:
+    """Runs (or resumes) every stage and returns {stage: metrics}; writes WORKDIR/results.json. With
+    ``through="reward"`` it stops once the reward model is trained and returns only {"timings_s": ...}."""
+    if through not in STOP_POINTS:
+        raise ValueError(f"run_pipeline(through={through!r}): valid stop points are {STOP_POINTS}")
     workdir = os.path.abspath(workdir)
     t0 = time.time()
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
@@ -122,6 +130,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     timings["labels"] = time.time() - start
     _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths)
     _train("reward", reward_cfg, workdir, timings)
+    if through == "reward":
+        return {"timings_s": {**timings, "total": time.time() - t0}}
     ppo_result = _train("ppo", ppo_cfg, workdir, timings)
 
     start = time.time()
