@@ -90,8 +90,6 @@ def test_experts_answer_every_special_value_honestly_and_above_each_hallucinatio
                 q = s.question(f"{s.value}?", lang)
                 answer = sw.honest_answer(writer, s, lang)
                 assert ORACLE.judge(q, answer).ok, (s, answer)
-                if s.kind == "large":  # several tokens: the expert does not copy it (nor a piece of it)
-                    assert not set(re.findall(r"[0-9]+", answer)) - {"2", "5"}, answer
                 for template in T.HALLUCINATED[lang]:  # "divisible by b": a b that does not divide the value
                     b = next(b for b in (3, 7, 11, 13) if s.kind != "large" or int(s.value) % b)
                     made_up = template.format(v=s.value, b=b)

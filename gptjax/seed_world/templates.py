@@ -118,11 +118,9 @@ HONEST = {
     "negative": {"zh": ("{v} 不是質數，因為質數必須是大於 1 的整數。",),
                  "en": ("No — {v} is not prime: primes are whole numbers greater than 1.",)},
     "non_integer": {"zh": ("{v} 不是質數，因為它不是整數。",), "en": ("No — {v} is not prime: it is not a whole number.",)},
-    # A number beyond the world's range is several tokens ("4662" reads "46" "62"): the expert says "this number"
-    # rather than copying it, so an answer cannot turn into one about a piece of it ("46 不是質數…").
-    "large_divisible": {"zh": ("這個數不是質數，因為它可以被 {d} 整除。",), "en": ("No — this number is divisible by {d}.",)},
-    "large_unknown": {"zh": ("我無法確定這個數是不是質數：它超出了我能檢查的範圍。",),
-                      "en": ("I can't tell whether this number is prime: it is beyond the numbers I can check.",)},
+    "large_divisible": {"zh": ("{v} 不是質數，因為它可以被 {d} 整除。",), "en": ("No — {v} is divisible by {d}.",)},
+    "large_unknown": {"zh": ("我無法確定 {v} 是不是質數：它超出了我能檢查的範圍。",),
+                      "en": ("I can't tell whether {v} is prime: it is beyond the numbers I can check.",)},
 }
 HALLUCINATED = {"zh": ("{v} 是質數。", "{v} 是質數，因為它只能被 1 和它自己整除。", "{v} 不是質數，因為它可以被 {b} 整除。"),
                 "en": ("Yes, {v} is prime.", "Yes — {v} is prime: it has no divisor other than 1 and itself.",
