@@ -77,6 +77,11 @@ _CONSTANT = re.compile(r"(?<![A-Za-z])(" + "|".join(sorted(map(re.escape, CONSTA
 _INTEGER = re.compile(r"整數|自然數|whole number|integer|natural number", re.I)
 
 
+def constants_in(text: str) -> frozenset[str]:
+    """The named constants `text` mentions, by name (templates.CONSTANT_NAMES: "π" and "pi" are both "pi")."""
+    return frozenset(CONSTANT_NAMES[m.lower()] for m in _CONSTANT.findall(text))
+
+
 def _any(markers, text: str) -> bool:
     low = text.lower()
     return any(m.lower() in low for m in markers)
@@ -129,7 +134,7 @@ def parse_answer(text: str) -> ParsedAnswer:
                         divisor_claims=tuple(claims), products=tuple(products),
                         non_divisor_claims=tuple(non_divisors), prime_reason=prime_reason,
                         numbers=frozenset(numbers_in(text)),
-                        constants=frozenset(CONSTANT_NAMES[m.lower()] for m in _CONSTANT.findall(text)),
+                        constants=constants_in(text),
                         cannot_tell=bool(_CANNOT_TELL.search(text)),
                         above_one_reason=bool(_ABOVE_ONE.search(text)),
                         non_integer_reason=bool(_NON_INTEGER.search(text)),
