@@ -7,6 +7,7 @@ files readable by the post-training readers; the world's tokenizer gives every n
 
 import dataclasses
 import json
+import random
 import re
 import time
 from collections import Counter
@@ -82,7 +83,6 @@ def test_heldout_numbers_values_and_phrasings_never_in_post_training_text(world)
 
 
 def test_experts_answer_every_special_value_honestly_and_above_each_hallucination(world):
-    import random
     writer = T.Writer(random.Random(0), frozenset(world.heldout_numbers))
     for split in ("train", "heldout"):
         for s in world.specials[split]:
@@ -311,8 +311,6 @@ def test_worksheet_register_answers_right_and_restates_the_number():
 
 
 def test_labelers_verdict_pair_is_minimal_ranked_right_and_unlike_the_evaluation(world):
-    import random
-
     from gptjax.seed_world.evaluation import verdict_pairs
     from gptjax.seed_world.labels import written_answers
     rng = random.Random(0)

@@ -95,8 +95,8 @@ def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel],
     return results
 
 
-# What a pipeline run can stop after: jobs built on its SFT run and reward model (the stage-3 comparison, the
-# over-optimisation study) need neither its PPO run nor its report.
+# What a pipeline run can stop after: a job built on its SFT run and reward model alone (the stage-3 comparison)
+# needs neither its PPO run nor its report. The over-optimisation study reads the PPO run's config: it runs all.
 STOP_POINTS = ("reward", "evaluation")
 
 
