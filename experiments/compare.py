@@ -35,8 +35,8 @@ def main(argv):
     except (ConfigError, DataFormatError) as e:
         sys.exit(f"compare: error: {e}")
     print(compare_report.format_table(results))
-    print(f"\nwrote {os.path.join(results['out'], compare.RESULTS_FILE)}, compare.md and "
-          f"{', '.join(results['plots'].values())}")
+    out = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value, "compare"))
+    print(f"\nwrote {compare.RESULTS_FILE}, compare.md and {', '.join(results['plots'].values())} in {out}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ responses of at most ``sampling.max_new_tokens`` tokens); the gold reward adapte
 import json
 import math
 import os
+import pathlib
 
 import pytest
 
@@ -181,5 +182,7 @@ def test_smoke_comparison_end_to_end(smoke_pipeline, tmp_path):
     assert set(results["summary"]["gaps"]) == {rm for rm, _ in cfg.gaps}
     for name in ("compare_kl.png", "compare_tokens.png"):
         assert os.path.getsize(out / name) > 1000
+        assert results["plots"][name] == name  # paths relative to the results file: the folder can move
+    assert (out / results["workdir"]).resolve() == pathlib.Path(smoke_pipeline).resolve()
     assert (out / "compare.md").read_text(encoding="utf-8").startswith("| method | stage | reward |")
     assert "Δ vs ppo" in proc.stdout

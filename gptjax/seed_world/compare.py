@@ -220,12 +220,14 @@ def run_comparison(cfg, workdir: str, out_dir: str | None = None) -> dict:
             logging.info("compare: %s seed %d done in %.0f s (training %.0f s)", name, seed, time.time() - start,
                          wall)
     timings["total_s"] = time.time() - t0
-    results = {"workdir": pipeline_dir, "out": out_dir, "seeds": list(cfg.seeds), "sft": sft, "runs": runs,
+    # Paths relative to out_dir, where this file is written: the folder can be moved or committed as it is.
+    results = {"workdir": os.path.relpath(pipeline_dir, out_dir), "seeds": list(cfg.seeds), "sft": sft, "runs": runs,
                "settings": {"episodes": int(cfg.budget.episodes), **ev.settings()},
                "reference_method": cfg.reference_method, "gaps": [list(g) for g in cfg.gaps],
                "timings_s": timings}
     results["summary"] = compare_report.summarize(results)
-    results["plots"] = compare_report.plot(results, out_dir)
+    results["plots"] = {name: os.path.relpath(path, out_dir)
+                        for name, path in compare_report.plot(results, out_dir).items()}
     with open(os.path.join(out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
