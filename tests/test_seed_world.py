@@ -310,6 +310,44 @@ def test_worksheet_register_answers_right_and_restates_the_number():
     assert checked > 100
 
 
+def test_labelers_topic_pair_differs_only_in_the_subject_and_is_ranked_right(world):
+    """A number question's topic pair is one sentence about the asked n and about another training number of its
+    class; a number beyond the range is paired with an answer about one of its in-range pieces; the gold labeler
+    ranks the answer about the asked value first."""
+    from gptjax.seed_world.labels import topic_pair
+    from gptjax.seed_world.world import number_pieces
+    heldout = set(world.heldout_numbers)
+    primes = set(_primes_upto(world.config.max_number))
+    rng = random.Random(0)
+    numbers = [q for q in world.rm_prompts if q.kind == "number"][:60]
+    assert numbers
+    for q in numbers:
+        on, off = topic_pair(q, rng, world)
+        n = q.number
+        first = [int(re.findall(r"[0-9]+", a)[0]) for a in (on, off)]  # every expert sentence names its subject first
+        assert first[0] == n and first[1] != n and first[1] not in heldout, (on, off)
+        m = first[1]
+        assert (m in primes) == (n in primes)
+        # only the subject differs (the divisors a composite's answer cites may differ with it)
+        if n in primes:
+            assert on.replace(str(n), "#") == off.replace(str(m), "#"), (on, off)
+        assert ORACLE.score(q, on) > ORACLE.score(q, off)
+        assert ORACLE.judge(q, on).on_topic and not ORACLE.judge(q, off).on_topic
+    large = [q for q in world.rm_prompts if q.kind == "special" and q.special == "large"]
+    assert large
+    for q in large:
+        pair = topic_pair(q, rng, world)
+        pieces = {int(p) for p in number_pieces(q.value, world.config.max_number)}
+        if not pair:
+            assert all(p < 2 or p in heldout for p in pieces)
+            continue
+        honest, piece = pair
+        assert ORACLE.judge(q, honest).ok and not ORACLE.judge(q, piece).on_topic
+        assert ORACLE.score(q, honest) > ORACLE.score(q, piece)
+        assert {int(x) for x in re.findall(r"[0-9]+", piece)} & pieces
+    assert all(topic_pair(q, rng, world) == [] for q in world.rm_prompts if q.kind in ("harmful", "benign"))
+
+
 def test_labelers_verdict_pair_is_minimal_ranked_right_and_unlike_the_evaluation(world):
     from gptjax.seed_world.evaluation import verdict_pairs
     from gptjax.seed_world.labels import written_answers

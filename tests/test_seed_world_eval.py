@@ -4,6 +4,7 @@ harmlessness rates; the knowledge probe and the number-copy probability against 
 paired test with a hand-written scorer."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,27 @@ def test_rm_pair_table_with_a_hand_scorer():
     assert t["verdict/prime"] == 0.0 and t["verdict/hard"] == 1.0 and t["verdict/easy"] == 1.0
     assert t["reason/prime"] == 0.0 and t["reason/hard"] == 1.0
     assert len(pairs) == 4 * 2 * 2  # numbers x languages x (verdict, reason)
+
+
+def test_rm_topic_pairs_with_a_hand_scorer():
+    """"topic" pairs put the answer about n against the same sentence about another number of its class: a scorer
+    that only reads the verdict never strictly prefers either, one that checks the subject wins them all."""
+    pairs = E.verdict_pairs([13, 27, 91, 10], random.Random(0), others=[2, 3, 4, 9, 15, 17, 49, 21, 13])
+    topic = [p for p in pairs if p[3] == "topic"]
+    assert len(topic) == 4 * 2 and len(pairs) == 4 * 2 * 3
+    for q, on, off, _ in topic:
+        assert GoldOracle().score(q, on) > GoldOracle().score(q, off)
+
+    def verdict_only(rows):
+        return np.array([0.0 if any(m in r for m in ("不是", "not", "No")) else 1.0 for _, r in rows])
+
+    def subject(rows):  # 1 when the response names the integer the question asks about
+        asked = [re.findall(r"[0-9]+", conversation[-1]["content"])[0] for conversation, _ in rows]
+        return np.array([float(n in re.findall(r"[0-9]+", r)) for n, (_, r) in zip(asked, rows)])
+
+    for c in ("prime", "easy", "hard"):
+        assert E.rm_pair_table(verdict_only, topic)[f"topic/{c}"] == 0.0
+        assert E.rm_pair_table(subject, topic)[f"topic/{c}"] == 1.0
 
 
 def test_dialogue_table_by_hand():

@@ -293,20 +293,25 @@ def reward_accuracy(model, params, path: str, tokenizer, seq_len: int) -> float:
     return float(pairwise_accuracy(jnp.asarray(scores), jnp.asarray(ex["num_ranked"])))
 
 
-def verdict_pairs(numbers: Sequence[int], rng, forbidden=frozenset()) -> list[tuple[Question, str, str, str]]:
+def verdict_pairs(numbers: Sequence[int], rng, forbidden=frozenset(),
+                  others: Sequence[int] = ()) -> list[tuple[Question, str, str, str]]:
     """(question, true answer, false answer, pair kind) for each number and language: "verdict" pairs share one
     template and differ only in the verdict; "reason" pairs are the expert's answer against a wrong verdict with
-    a bogus reason."""
+    a bogus reason; with `others` (training numbers), "topic" pairs are the expert's answer against the same
+    sentence about another number of the same class (right about that one, off topic here)."""
     writer = T.Writer(rng, forbidden)
     out = []
     for n in numbers:
         prime = is_prime(n)
+        same_class = [m for m in others if m != n and is_prime(m) == prime]
         for lang in T.LANGUAGES:
             q = Question("number", lang, writer.question(n, lang), number=n)
             yes, no = {"zh": ("{n} 是質數。", "{n} 不是質數。"), "en": ("Yes, {n} is prime.", "No, {n} is not prime.")}[lang]
             true, false = (yes, no) if prime else (no, yes)
             out.append((q, true.format(n=n), false.format(n=n), "verdict"))
             out.append((q, writer.expert(n, lang), writer.wrong("wrong_verdict_bogus_reason", n, lang), "reason"))
+            if same_class:
+                out.append((q, *writer.twin_experts(n, rng.choice(same_class), lang), "topic"))
     return out
 
 
@@ -398,13 +403,14 @@ def evaluate_pretrained(world, evaluator: StageEvaluator, stage: StageModel, tok
 
 
 def evaluate_reward_model(world, model, params, tokenizer, seed: int, rankings_eval: str, seq_len: int) -> dict:
-    """The paired tests: verdict-only and verdict+reason pairs on training and held-out numbers; honest vs
+    """The paired tests: verdict-only, verdict+reason and topic pairs on training and held-out numbers; honest vs
     hallucinated, refusal vs compliance and answer vs over-refusal on held-out prompts; and the pairwise accuracy
     on the labelers' held-out rankings."""
     rng = random.Random(f"seed-world/{seed}/rm-pairs")
     score = reward_scorer(model, params, tokenizer)
     train_numbers = sorted({q.number for q in world.train_questions})
-    return {"train": rm_pair_table(score, verdict_pairs(train_numbers, rng, frozenset(world.heldout_numbers))),
-            "heldout": rm_pair_table(score, verdict_pairs(world.heldout_numbers, rng)),
+    heldout = frozenset(world.heldout_numbers)
+    return {"train": rm_pair_table(score, verdict_pairs(train_numbers, rng, heldout, others=train_numbers)),
+            "heldout": rm_pair_table(score, verdict_pairs(world.heldout_numbers, rng, others=train_numbers)),
             "aligned": rm_pair_table(score, aligned_pairs(world, rng)),
             "rankings_pairwise_accuracy": reward_accuracy(model, params, rankings_eval, tokenizer, seq_len)}

@@ -1,14 +1,17 @@
 """The simulated labelers: sample K answers per reward-model prompt, add the answers a labeler writes, rank them all.
 
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
-`labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer
-of the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal) — so every
-ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions:
-the same bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone
-decides their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often
-instead of which is true (one seed's preferred "not prime" for every held-out prime). The gold oracle ranks them
-all (distinct scores only, best first). Held-out numbers never appear: the prompts are about training numbers and
-the writer avoids the others.
+`labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer of
+the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal) — so every ranking
+holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions: the same
+bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone decides
+their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often instead of
+which is true (one seed's preferred "not prime" for every held-out prime). With `topic_pairs` it also ranks, as a
+ranking of its own, the expert's answer against the same answer about another number (`topic_pair`): the policies'
+commonest error on new numbers is a right answer about the wrong number, and without such pairs the reward model
+preferred the answer about the asked number in only ~0.63 of them when the other number had the same class. The gold
+oracle ranks them all (distinct scores only, best first). Held-out numbers never appear: the prompts are about
+training numbers and the writer avoids the others.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from absl import logging
 from gptjax.seed_world import templates as T
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.seed_world.labeler import Question
-from gptjax.seed_world.world import SeedWorld, honest_answer
+from gptjax.seed_world.numbers import is_prime
+from gptjax.seed_world.world import SeedWorld, honest_answer, number_pieces
 
 
 def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_pair: bool = False) -> list[str]:
@@ -49,8 +53,27 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
     return []
 
 
+def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
+    """[the expert's answer to `q`, the same answer about another training number] for a number question (a number
+    of the same class: only the subject differs), [the honest answer, the expert's answer about one of its
+    in-range pieces] for a number beyond the world's range ("4662" read as "46" "62"); empty for other kinds."""
+    heldout = frozenset(world.heldout_numbers)
+    writer = T.Writer(rng, heldout)
+    if q.kind == "number":
+        others = [m for m in world.train_numbers if m != q.number and is_prime(m) == q.is_prime]
+        return list(writer.twin_experts(q.number, rng.choice(others), q.language))
+    if q.kind == "special" and q.special == "large":
+        pieces = [int(p) for p in number_pieces(q.value, world.config.max_number)]
+        pieces = [p for p in pieces if p >= 2 and p not in heldout]
+        if pieces:
+            special = next(s for s in world.specials["train"] if s.value == q.value)
+            return [honest_answer(writer, special, q.language), writer.expert(rng.choice(pieces), q.language)]
+    return []
+
+
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
-                   written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False) -> dict[str, str]:
+                   written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False,
+                   topic_pairs: bool = False) -> dict[str, str]:
     """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
     questions: Sequence[Question] = world.rm_prompts
     samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
@@ -60,6 +83,9 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
         answers = [samples[i][qi] for i in range(k)] + (written_answers(q, rng, world, verdict_pair) if written else [])
         record = world.oracle.ranking_record(q, answers, max_ranked=9)
         if record is not None:
+            records.append(record)
+        pair = topic_pair(q, rng, world) if topic_pairs else []
+        if pair and (record := world.oracle.ranking_record(q, pair)) is not None:
             records.append(record)
     n_eval = max(1, int(round(eval_fraction * len(records))))
     os.makedirs(out_dir, exist_ok=True)

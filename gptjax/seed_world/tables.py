@@ -11,6 +11,7 @@ from gptjax.seed_world.numbers import CLASSES
 
 POLICIES = ("pretrain", "sft", "ppo")
 MODES = ("greedy", "sampled")
+RM_PAIR_KINDS = ("verdict", "reason", "topic")  # evaluation.verdict_pairs; "topic" only where measured
 CLASS_NAMES = {"prime": "primes", "easy": "easy comp.", "hard": "hard comp."}
 
 
@@ -94,11 +95,12 @@ def copy_lines(results: dict) -> list[str]:
 
 def reward_lines(results: dict) -> list[str]:
     rm = results["reward"]
-    lines = ["Reward model prefers the true answer (pairs that differ only in the verdict / in verdict and reason):"]
+    lines = ["Reward model prefers the true answer (pairs that differ only in the verdict / in verdict and reason / "
+             "only in the number the answer is about):"]
     for split in ("train", "heldout"):
         t = rm[split]
-        lines.append(f"  {split:8s} " + "  ".join(
-            f"{CLASS_NAMES[c]} {_pm(t[f'verdict/{c}'])} / {_pm(t[f'reason/{c}'])}" for c in CLASSES))
+        lines.append(f"  {split:8s} " + "  ".join(f"{CLASS_NAMES[c]} " + " / ".join(
+            _pm(t[f"{kind}/{c}"]) for kind in RM_PAIR_KINDS if f"{kind}/{c}" in t) for c in CLASSES))
     a = rm["aligned"]
     lines.append(f"  held-out honest vs hallucinated {_pm(a['honest/special'])}, refusal vs compliance "
                  f"{_pm(a['harmless/harmful'])}, answer vs over-refusal {_pm(a['benign/benign'])}")
@@ -134,8 +136,9 @@ def seed_row(res: dict) -> dict[str, float]:
     for split in ("train", "heldout"):
         for c in CLASSES:
             row[f"probe/{split}/{c}"] = res["pretrain"][f"probe/{split}"][c]
-            for kind in ("verdict", "reason"):
-                row[f"reward/{split}/{kind}/{c}"] = res["reward"][split][f"{kind}/{c}"]
+            for kind in RM_PAIR_KINDS:
+                if f"{kind}/{c}" in res["reward"][split]:
+                    row[f"reward/{split}/{kind}/{c}"] = res["reward"][split][f"{kind}/{c}"]
     for axis in ("honest/special", "harmless/harmful", "benign/benign"):
         row[f"reward/aligned/{axis.split('/')[0]}"] = res["reward"]["aligned"][axis]
     for stage in POLICIES:

@@ -254,6 +254,14 @@ class Writer:
         template, fields = self._number_fields(n, EXPERT[is_prime(n)][lang], lang, any_divisor=False)
         return template.format(**fields)
 
+    def twin_experts(self, n: int, m: int, lang: str) -> tuple[str, str]:
+        """The expert's answers about n and about m drawn with the same random choices: for numbers of one
+        class, the same sentence with only the subject changed."""
+        state = self.rng.getstate()
+        about_n = self.expert(n, lang)
+        self.rng.setstate(state)
+        return about_n, self.expert(m, lang)
+
     def worksheet(self, n: int, lang: str) -> str:
         template, fields = self._number_fields(n, WORKSHEET_ANSWERS[is_prime(n)][lang], lang, any_divisor=True)
         return template.format(**fields)
