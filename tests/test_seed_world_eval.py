@@ -144,9 +144,8 @@ def test_rm_pair_table_with_a_hand_scorer():
 def test_rm_topic_pairs_with_a_hand_scorer():
     """"topic" pairs put the answer about n against the same sentence about another number of its class: a scorer
     that only reads the verdict never strictly prefers either, one that checks the subject wins them all."""
-    pairs = E.verdict_pairs([13, 27, 91, 10], random.Random(0), others=[2, 3, 4, 9, 15, 17, 49, 21, 13])
-    topic = [p for p in pairs if p[3] == "topic"]
-    assert len(topic) == 4 * 2 and len(pairs) == 4 * 2 * 3
+    topic = E.topic_pairs([13, 27, 91, 10], [2, 3, 4, 9, 15, 17, 49, 21, 13], random.Random(0))
+    assert len(topic) == 4 * 2 and {p[3] for p in topic} == {"topic"}
     for q, on, off, _ in topic:
         assert GoldOracle().score(q, on) > GoldOracle().score(q, off)
 

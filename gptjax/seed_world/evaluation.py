@@ -293,25 +293,33 @@ def reward_accuracy(model, params, path: str, tokenizer, seq_len: int) -> float:
     return float(pairwise_accuracy(jnp.asarray(scores), jnp.asarray(ex["num_ranked"])))
 
 
-def verdict_pairs(numbers: Sequence[int], rng, forbidden=frozenset(),
-                  others: Sequence[int] = ()) -> list[tuple[Question, str, str, str]]:
+def verdict_pairs(numbers: Sequence[int], rng, forbidden=frozenset()) -> list[tuple[Question, str, str, str]]:
     """(question, true answer, false answer, pair kind) for each number and language: "verdict" pairs share one
     template and differ only in the verdict; "reason" pairs are the expert's answer against a wrong verdict with
-    a bogus reason; with `others` (training numbers), "topic" pairs are the expert's answer against the same
-    sentence about another number of the same class (right about that one, off topic here)."""
+    a bogus reason."""
     writer = T.Writer(rng, forbidden)
     out = []
     for n in numbers:
         prime = is_prime(n)
-        same_class = [m for m in others if m != n and is_prime(m) == prime]
         for lang in T.LANGUAGES:
             q = Question("number", lang, writer.question(n, lang), number=n)
             yes, no = {"zh": ("{n} 是質數。", "{n} 不是質數。"), "en": ("Yes, {n} is prime.", "No, {n} is not prime.")}[lang]
             true, false = (yes, no) if prime else (no, yes)
             out.append((q, true.format(n=n), false.format(n=n), "verdict"))
             out.append((q, writer.expert(n, lang), writer.wrong("wrong_verdict_bogus_reason", n, lang), "reason"))
-            if same_class:
-                out.append((q, *writer.twin_experts(n, rng.choice(same_class), lang), "topic"))
+    return out
+
+
+def topic_pairs(numbers: Sequence[int], others: Sequence[int], rng) -> list[tuple[Question, str, str, str]]:
+    """"topic" pairs for each number and language: the expert's answer against the same sentence about another
+    number of the same class from `others` (right about that one, off topic here)."""
+    writer = T.Writer(rng)
+    out = []
+    for n in numbers:
+        same_class = [m for m in others if m != n and is_prime(m) == is_prime(n)]
+        for lang in T.LANGUAGES:
+            q = Question("number", lang, writer.question(n, lang), number=n)
+            out.append((q, *writer.twin_experts(n, rng.choice(same_class), lang), "topic"))
     return out
 
 
@@ -409,8 +417,11 @@ def evaluate_reward_model(world, model, params, tokenizer, seed: int, rankings_e
     rng = random.Random(f"seed-world/{seed}/rm-pairs")
     score = reward_scorer(model, params, tokenizer)
     train_numbers = sorted({q.number for q in world.train_questions})
-    heldout = frozenset(world.heldout_numbers)
-    return {"train": rm_pair_table(score, verdict_pairs(train_numbers, rng, heldout, others=train_numbers)),
-            "heldout": rm_pair_table(score, verdict_pairs(world.heldout_numbers, rng, others=train_numbers)),
+    topic_rng = random.Random(f"seed-world/{seed}/rm-topic-pairs")  # its own stream: the other pairs stay as they were
+    split_pairs = {"train": verdict_pairs(train_numbers, rng, frozenset(world.heldout_numbers)),
+                   "heldout": verdict_pairs(world.heldout_numbers, rng)}
+    for split, numbers in (("train", train_numbers), ("heldout", world.heldout_numbers)):
+        split_pairs[split] += topic_pairs(numbers, train_numbers, topic_rng)
+    return {"train": rm_pair_table(score, split_pairs["train"]), "heldout": rm_pair_table(score, split_pairs["heldout"]),
             "aligned": rm_pair_table(score, aligned_pairs(world, rng)),
             "rankings_pairwise_accuracy": reward_accuracy(model, params, rankings_eval, tokenizer, seq_len)}
