@@ -9,9 +9,9 @@ their rank are the sampled ones, and a reward model could learn which verdict it
 which is true (one seed's preferred "not prime" for every held-out prime). With `topic_pairs` it also ranks, as a
 ranking of its own, the expert's answer against the same answer about another number (`topic_pair`): the policies'
 commonest error on new numbers is a right answer about the wrong number, and without such pairs the reward model
-preferred the answer about the asked number in only ~0.63 of them when the other number had the same class. The gold
-oracle ranks them all (distinct scores only, best first). Held-out numbers never appear: the prompts are about
-training numbers and the writer avoids the others.
+prefers the answer about the asked number in only 0.52-0.76 of them (docs/results.md; the demo leaves them off: they
+cost it verdict accuracy and did not bring PPO on topic). The gold oracle ranks them all (distinct scores only, best
+first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
 """
 
 from __future__ import annotations
