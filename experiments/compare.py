@@ -28,14 +28,13 @@ def main(argv):
     del argv
     metrics_lib.quiet_library_logs()
     # The seeds of a method compile the same programs: share them across runs (and re-runs) on disk.
-    cache = os.path.join(os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value, "compare")), "jax_cache")
-    jax.config.update("jax_compilation_cache_dir", cache)
+    out = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value, "compare"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
     try:
         results = compare.run_comparison(_CONFIG.value, _WORKDIR.value, _OUT.value)
     except (ConfigError, DataFormatError) as e:
         sys.exit(f"compare: error: {e}")
     print(compare_report.format_table(results))
-    out = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value, "compare"))
     print(f"\nwrote {compare.RESULTS_FILE}, compare.md and {', '.join(results['plots'].values())} in {out}")
 
 

@@ -417,11 +417,11 @@ def evaluate_reward_model(world, model, params, tokenizer, seed: int, rankings_e
     rng = random.Random(f"seed-world/{seed}/rm-pairs")
     score = reward_scorer(model, params, tokenizer)
     train_numbers = sorted({q.number for q in world.train_questions})
+    train_pairs = verdict_pairs(train_numbers, rng, frozenset(world.heldout_numbers))
+    heldout_pairs = verdict_pairs(world.heldout_numbers, rng)
     topic_rng = random.Random(f"seed-world/{seed}/rm-topic-pairs")  # its own stream: the other pairs stay as they were
-    split_pairs = {"train": verdict_pairs(train_numbers, rng, frozenset(world.heldout_numbers)),
-                   "heldout": verdict_pairs(world.heldout_numbers, rng)}
-    for split, numbers in (("train", train_numbers), ("heldout", world.heldout_numbers)):
-        split_pairs[split] += topic_pairs(numbers, train_numbers, topic_rng)
-    return {"train": rm_pair_table(score, split_pairs["train"]), "heldout": rm_pair_table(score, split_pairs["heldout"]),
+    train_pairs += topic_pairs(train_numbers, train_numbers, topic_rng)
+    heldout_pairs += topic_pairs(world.heldout_numbers, train_numbers, topic_rng)
+    return {"train": rm_pair_table(score, train_pairs), "heldout": rm_pair_table(score, heldout_pairs),
             "aligned": rm_pair_table(score, aligned_pairs(world, rng)),
             "rankings_pairwise_accuracy": reward_accuracy(model, params, rankings_eval, tokenizer, seq_len)}

@@ -11,7 +11,7 @@ from gptjax.seed_world.numbers import CLASSES
 
 POLICIES = ("pretrain", "sft", "ppo")
 MODES = ("greedy", "sampled")
-RM_PAIR_KINDS = ("verdict", "reason", "topic")  # evaluation.verdict_pairs; "topic" only where measured
+RM_PAIR_KINDS = ("verdict", "reason", "topic")  # evaluation.verdict_pairs, topic_pairs; results before "topic" lack it
 CLASS_NAMES = {"prime": "primes", "easy": "easy comp.", "hard": "hard comp."}
 
 
