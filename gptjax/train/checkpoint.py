@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import logging as pylogging
 import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -170,7 +171,7 @@ class Checkpointer:
                                   config=ocp.args.JsonRestore(), extras=ocp.args.JsonRestore())
         while True:
             try:
-                with _quiet_abandoned_reads():
+                with _quiet_abandoned_reads(self.path / str(step)):
                     r = self.manager.restore(step, args=args)
                 break
             except UserError:
@@ -282,10 +283,32 @@ class Checkpointer:
         return saved == wanted
 
 
+class _AbandonedReadsFilter(pylogging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports about reads of a checkpoint whose restore already
+    failed: orbax reads all arrays concurrently, the first failure ends the restore, and the other reads' failures
+    would each print a traceback when their futures are collected, maybe long after (the failure itself is
+    reported once, by the caller)."""
+
+    def __init__(self):
+        super().__init__()
+        self.directories: set[str] = set()
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if not self.directories:
+            return True
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message and any(d in message for d in self.directories))
+
+
+_ABANDONED_READS = _AbandonedReadsFilter()
+pylogging.getLogger("asyncio").addFilter(_ABANDONED_READS)
+
+
 @contextlib.contextmanager
-def _quiet_abandoned_reads():
-    """A failed restore leaves orbax's other read coroutines unawaited; Python would print each as an "Exception
-    ignored" traceback when it is collected. Those are dropped (the failure itself is reported once)."""
+def _quiet_abandoned_reads(directory):
+    """Reads of checkpoint ``directory``: when they fail, the other read coroutines are left unawaited (Python
+    would print each as an "Exception ignored" traceback when it is collected) and their futures unretrieved
+    (asyncio would log each, maybe long after). Both are dropped; the failure itself is raised once."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -295,6 +318,9 @@ def _quiet_abandoned_reads():
     sys.unraisablehook = hook
     try:
         yield
+    except Exception:
+        _ABANDONED_READS.directories.add(str(directory))
+        raise
     finally:
         gc.collect()
         sys.unraisablehook = previous
@@ -413,7 +439,7 @@ def load_params(path: str, abstract_params, *, keep_fresh: Sequence[str] = (), f
     step_dir, wanted = fitting_params(path, abstract_params, keep_fresh=keep_fresh, field=field, item_key=item_key)
     item = {item_key: unflatten(wanted)}
     try:
-        with _quiet_abandoned_reads():
+        with _quiet_abandoned_reads(step_dir):
             restored = ocp.PyTreeCheckpointer().restore(
                 step_dir / "state", args=ocp.args.PyTreeRestore(
                     item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
