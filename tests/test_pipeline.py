@@ -124,6 +124,33 @@ def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
         registry.load_policy(str(tmp_path / "rm"))
 
 
+def test_ppo_ptx_batches_come_from_the_worlds_pretraining_corpus(smoke):
+    """PPO-ptx mixes in the pretraining corpus: every row of a ptx batch is a piece of the world's pretraining text."""
+    from gptjax.data.pipeline import make_lm_iterator
+    from gptjax.tokenizers import SPECIAL_TOKENS, make_tokenizer
+
+    workdir, cfg, _ = smoke
+    files = {n: os.path.join(workdir, "world", f"{n}.jsonl") for n in ("pretrain", "sft_train", "sft_eval",
+                                                                        "ppo_prompts")}
+    tokenizer_path = os.path.join(workdir, "world", "tokenizer.model")
+    p, _, _, o = pipeline._configure(cfg, workdir, files, tokenizer_path, None)
+    assert o.ptx.to_dict() == p.data.to_dict()
+    tok = make_tokenizer("sentencepiece", tokenizer_path)
+    batch = next(make_lm_iterator(o.ptx, tok, split="train", global_batch_size=4, seq_len=32, seed=0))
+    corpus = "".join(json.loads(line)["text"] for line in open(files["pretrain"], encoding="utf-8"))
+    first_special = tok.vocab_size - len(SPECIAL_TOKENS)
+    for row in np.asarray(batch["inputs"]).tolist():
+        segments, current = [], []  # the runs of text between specials (EOS ends each document)
+        for t in row + [first_special]:
+            if t >= first_special:
+                segments, current = segments + [current] * bool(current), []
+            else:
+                current.append(t)
+        assert sum(map(len, segments)) > 16
+        for segment in segments:
+            assert tok.decode(segment) in corpus, tok.decode(segment)
+
+
 def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke):
     workdir, _, _ = smoke
     model, params, tokenizer, stage = registry.load_policy(os.path.join(workdir, "ppo"))

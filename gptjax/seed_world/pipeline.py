@@ -50,8 +50,7 @@ def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, tokeni
     o.train.init_from = _stage_dir(workdir, "sft")
     o.ppo_init.reward_from = _stage_dir(workdir, "reward")
     o.data.prompts_path = str(files["ppo_prompts"])
-    o.ptx.paths = str(files["pretrain"])
-    o.ptx.data_dir = os.path.join(workdir, "data")
+    o.ptx = p.data.copy_and_resolve_references()  # PPO-ptx's LM batches: the pretraining corpus, read the same way
     for stage_cfg in (p, s, r, o):
         stage_cfg.train.seed = int(cfg.seed)
     return p, s, r, o
