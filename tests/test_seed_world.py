@@ -290,6 +290,17 @@ def test_world_tokenizer_gives_every_number_one_token(tmp_path):
     assert sw.number_pieces("4738", 199) == ["47", "38"] and sw.number_pieces("1005", 199) == ["100", "5"]
 
 
+def test_world_tokenizer_can_spell_numbers_digit_by_digit(tmp_path):
+    world = sw.build_world(dataclasses.replace(SMALL, num_pretrain_docs=500, number_tokens="digits"))
+    tok = make_tokenizer("sentencepiece", sw.train_tokenizer(world, tmp_path, 1024))
+    for n in (0, 7, 27, 91, 199, 4738):
+        assert [tok.decode([i]) for i in tok.encode(str(n))] == list(str(n)), n
+    for text in ("27 不是質數，因為它可以被 3 整除。", "Is π prime? -7, 2.5, √2"):
+        assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match="number_tokens"):
+        dataclasses.replace(SMALL, number_tokens="pieces").validate()
+
+
 def test_worksheet_register_answers_right_and_restates_the_number():
     """Exercises with their answers (an optional register): the configured share of documents, every answer to a
     number question right, about the number asked, in the question's language."""

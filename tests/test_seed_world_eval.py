@@ -93,8 +93,8 @@ def test_knowledge_probe_matches_a_token_by_token_loop():
 
 
 def test_number_copy_matches_a_token_by_token_loop():
-    """P(n) at the first token of the expert's answer that spells n, recomputed from the unpadded rows' next-token
-    distributions (float64); numbers 2..9 are one byte each, so the byte tokenizer qualifies."""
+    """P(n) over the first run of tokens of the expert's answer that spells n (one byte per digit here: 27 is two
+    tokens, P = P("2") P("7" | "2")), recomputed from the unpadded rows' next-token distributions (float64)."""
     from gptjax.data import chat
     from gptjax.seed_world import templates as T
 
@@ -102,7 +102,7 @@ def test_number_copy_matches_a_token_by_token_loop():
     model = GPT(GPTConfig(vocab_size=384, max_len=256, num_layers=1, d_model=32, num_heads=2))
     params = model.init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
     questions = [Question("number", lang, f"{n}?", number=n)
-                 for n, lang in ((3, "zh"), (4, "zh"), (7, "en"), (9, "en"))]
+                 for n, lang in ((3, "zh"), (4, "zh"), (7, "en"), (27, "en"), (91, "zh"))]
     evaluator = E.StageEvaluator(tok, max_new_tokens=8, seed=0)
     got = E.number_copy(evaluator, E.StageModel("sft", model, params, True), questions)
 
@@ -110,22 +110,32 @@ def test_number_copy_matches_a_token_by_token_loop():
     by_number = {}
     for q in questions:
         prompt = chat.render_prompt(q.conversation, tok).tolist()
-        answer = tok.encode(writer.expert(q.number, q.language))
-        ids = prompt + answer
-        at = len(prompt) + next(i for i, t in enumerate(answer) if tok.decode([t]) == str(q.number))
+        answer_text = writer.expert(q.number, q.language)
+        match = re.search(rf"(?<!\d){q.number}(?!\d)", answer_text)
+        start = len(prompt) + len(answer_text[:match.start()].encode())  # bytes before the number
+        ids = prompt + tok.encode(answer_text)
         logits = model.apply({"params": params}, jnp.asarray([ids]), jnp.arange(len(ids))[None],
                              jnp.ones((1, len(ids)), jnp.int32), deterministic=True)[0]
-        row = np.asarray(logits[0, at - 1, :tok.vocab_size], np.float64)
-        p = np.exp(row - row.max())
-        by_number.setdefault(q.number, []).append(p[ids[at]] / p.sum())
+        p = 1.0
+        for at in range(start, start + len(str(q.number))):
+            row = np.asarray(logits[0, at - 1, :tok.vocab_size], np.float64)
+            e = np.exp(row - row.max())
+            p *= e[ids[at]] / e.sum()
+        by_number.setdefault(q.number, []).append(p)
     expected = {n: np.mean(v) for n, v in by_number.items()}
     assert got["prime"] == pytest.approx((expected[3] + expected[7]) / 2, rel=1e-4)
     assert got["easy"] == pytest.approx(expected[4], rel=1e-4)
-    assert got["hard"] == pytest.approx(expected[9], rel=1e-4)
+    assert got["hard"] == pytest.approx((expected[27] + expected[91]) / 2, rel=1e-4)
     assert got["mean"] == pytest.approx(np.mean([got["prime"], got["easy"], got["hard"]]))
-    # a tokenizer that spells 27 in two tokens gets no number
-    assert E.number_copy(evaluator, E.StageModel("sft", model, params, True),
-                         [Question("number", "en", "27?", number=27)]) == {}
+
+
+def test_number_span_finds_the_number_on_its_own():
+    tok = make_tokenizer("bytes")
+    ids = tok.encode("127 = 27 + 100; 27.")
+    assert E.number_span(tok, ids, 27) == (6, 8)  # not the "27" inside 127
+    assert E.number_span(tok, ids, 127) == (0, 3)
+    assert E.number_span(tok, ids, 12) is None and E.number_span(tok, ids, 10) is None
+    assert E.number_span(tok, tok.encode("2710"), 27) is None
 
 
 def test_rm_pair_table_with_a_hand_scorer():

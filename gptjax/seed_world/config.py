@@ -17,6 +17,9 @@ class SeedWorldConfig:
     max_number: int = 199
     """Numbers the textbook states facts about: 2..max_number. The tokenizer gives each integer 0..max_number a
     token of its own, so larger numbers are read as several known pieces."""
+    number_tokens: str = "whole"
+    """How the world's tokenizer spells numbers: "whole" (each integer 0..max_number one piece, larger ones as several
+    such pieces) or "digits" (one piece per digit, every number of any size)."""
     heldout_min: int = 30
     """Smallest held-out number (also > sqrt(max_number)): small numbers are the divisors every reason cites, so
     they cannot be kept out of SFT text. Must be >= 10 (bogus divisors are 2..9)."""
@@ -96,6 +99,7 @@ class SeedWorldConfig:
             if not ok:
                 raise ValueError(f"SeedWorldConfig.{name} = {getattr(self, name)!r}: must be {rule}")
         check(self.max_number >= 100, "max_number", ">= 100")
+        check(self.number_tokens in ("whole", "digits"), "number_tokens", '"whole" or "digits"')
         check(10 <= self.heldout_min < self.max_number, "heldout_min", "in [10, max_number)")
         check(len(self.heldout_per_class) == 3 and min(self.heldout_per_class) >= 1, "heldout_per_class",
               "three counts >= 1 (primes, easy, hard)")

@@ -247,28 +247,42 @@ def knowledge_probe(model, params, tokenizer, numbers: Sequence[int], batch: int
     return out
 
 
+def number_span(tokenizer, ids: Sequence[int], number: int) -> tuple[int, int] | None:
+    """[start, stop) of the first run of tokens in `ids` that spells `number` on its own (one whole-number piece or
+    its digits; a leading space inside the first piece allowed), or None."""
+    text = str(number)
+    for start in range(len(ids)):
+        for stop in range(start + 1, min(start + len(text), len(ids)) + 1):
+            piece = tokenizer.decode(ids[start:stop])
+            if piece.strip() == text and (stop == len(ids) or not tokenizer.decode([ids[stop]])[:1].isdigit()) \
+                    and not (start and tokenizer.decode([ids[start - 1]])[-1:].isdigit()):
+                return start, stop
+    return None
+
+
 def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequence[Question], batch: int = 256
                 ) -> dict[str, float]:
     """Per class (SE over numbers): the probability the policy gives the asked number where the expert's answer
     first names it, teacher-forced on that answer (prompted as `stage` is). Answers at T = 1 are off topic about as
     often as this falls short of 1, so it tells a policy that cannot copy the number from one that chose to talk
-    about another. Needs a tokenizer that spells each number as one token (the seed world's); {} otherwise."""
+    about another. A number spelled as several tokens (digits) counts as all of them; {} when the expert's answer
+    does not spell the number as tokens of its own."""
     tok, writer = evaluator.tokenizer, T.Writer(random.Random("seed-world/copy"))
-    rows, targets, numbers = [], [], []
+    rows, spans, numbers = [], [], []
     for q in (q for q in questions if q.kind == "number"):
         prompt = evaluator.prompt_ids(q.conversation, q.language, stage.chat_format)
         answer = tok.encode(writer.expert(q.number, q.language))
-        at = [i for i, t in enumerate(answer) if tok.decode([t]).strip() == str(q.number)]
-        if not at:
+        span = number_span(tok, answer, q.number)
+        if span is None:
             return {}
         rows.append(prompt + answer)
-        targets.append(len(prompt) + at[0])
+        spans.append((len(prompt) + span[0], len(prompt) + span[1]))
         numbers.append(q.number)
     fn = jax.jit(functools.partial(response_logprobs, model=stage.model, vocab_size=tok.vocab_size))
     logp = _in_batches(fn, stage.params, rows, tok.pad_id, batch)
     groups: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in CLASSES}
-    for i, (n, t) in enumerate(zip(numbers, targets)):
-        groups[number_class(n)][n].append(float(np.exp(logp[i, t])))
+    for i, (n, (start, stop)) in enumerate(zip(numbers, spans)):
+        groups[number_class(n)][n].append(float(np.exp(logp[i, start:stop].sum())))
     out = {}
     for c in CLASSES:
         out[c], out[f"{c}_se"], _ = mean_se(groups[c])
