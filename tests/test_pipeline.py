@@ -57,12 +57,19 @@ def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
     for split in ("train", "heldout"):
         assert set(results["pretrain"][f"probe/{split}"]) >= {"prime", "easy", "hard"}
     assert np.isfinite(results["ppo"]["kl_to_sft"])
+    # The RM's score of the chat stages' own sampled held-out answers, by kind: every such answer counted once.
+    sampled = cfg.eval.sampled_answers_per_question * sum(q.kind == "number" for q in world.heldout_questions)
+    assert "rm_by_kind" not in results["pretrain"]
+    for stage in ("sft", "ppo"):
+        by_kind = results[stage]["rm_by_kind"]
+        assert sum(by_kind[f"{k}/answers"] for k in evaluation.ANSWER_KINDS) == sampled, (stage, by_kind)
+        assert all(np.isfinite(by_kind[k]) for k in evaluation.ANSWER_KINDS if by_kind[f"{k}/answers"])
     for split in ("train", "heldout", "aligned"):
         assert all(0.0 <= v <= 1.0 for k, v in results["reward"][split].items() if not k.endswith("_se") and v == v)
     assert 0.0 <= results["reward"]["rankings_pairwise_accuracy"] <= 1.0
     report = tables.format_report(results)
     for heading in ("Helpful:", "Copying the number", "Honest answers by kind", "Knowledge probe",
-                    "Reward model prefers", "Helpful, honest, harmless",
+                    "Reward model prefers", "Reward model's score of the stage's", "Helpful, honest, harmless",
                     "The talk's example"):
         assert heading in report
     # Perplexity is reported for the token-NLL stages only, never for the RM's pairwise loss.

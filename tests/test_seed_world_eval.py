@@ -138,6 +138,30 @@ def test_number_span_finds_the_number_on_its_own():
     assert E.number_span(tok, tok.encode("2710"), 27) is None
 
 
+def test_reward_by_kind_with_a_hand_scorer():
+    """Scores are the answers' lengths; kinds come from the oracle's judgements; other questions are skipped."""
+    o = GoldOracle()
+    q27, q13 = Question("number", "en", "Is 27 prime?", number=27), Question("number", "en", "Is 13 prime?", number=13)
+    special = Question("special", "en", "Is pi prime?", value="pi", special="non_integer")
+    texts = [["No, 27 is not prime: 27 = 3 × 9.", "Yes, 27 is prime.", "No, 54 is not prime: 54 = 2 × 27."],
+             ["Yes, 13 is prime.", "No, 39 is not prime: 39 = 3 × 13."],
+             ["No — pi is not prime: it is not a whole number."]]
+    questions = [q27, q13, special]
+    judged = [[o.judge(q, a) for a in answers] for q, answers in zip(questions, texts)]
+    seen = []
+
+    def score(pairs):
+        seen.extend(pairs)
+        return np.asarray([len(a) for _, a in pairs], np.float32)
+
+    got = E.reward_by_kind(score, questions, texts, judged)
+    right, wrong, off = [texts[0][0], texts[1][0]], [texts[0][1]], [texts[0][2], texts[1][1]]
+    assert got["right"] == pytest.approx(np.mean([len(a) for a in right])) and got["right/answers"] == 2
+    assert got["wrong"] == pytest.approx(len(wrong[0])) and got["wrong/answers"] == 1
+    assert got["off_topic"] == pytest.approx(np.mean([len(a) for a in off])) and got["off_topic/answers"] == 2
+    assert len(seen) == 5 and seen[0] == (q27.conversation, texts[0][0])  # the special question is not scored
+
+
 def test_rm_pair_table_with_a_hand_scorer():
     """A scorer that likes "not prime" wins every composite's verdict pair and loses every prime's."""
     def scorer(pairs):

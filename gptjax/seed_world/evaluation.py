@@ -24,7 +24,7 @@ import numpy as np
 from gptjax import sampling
 from gptjax.data import chat, post_training
 from gptjax.seed_world import templates as T
-from gptjax.seed_world.labeler import GoldOracle, Judgement, Question
+from gptjax.seed_world.labeler import ANSWER_KINDS, GoldOracle, Judgement, Question
 from gptjax.seed_world.numbers import CLASSES, is_prime, last_digit_rule, number_class
 from gptjax.stages.reward import pairwise_accuracy, reward_scores
 from gptjax.stages.rollouts import RolloutEngine, Rollouts, response_logprobs
@@ -291,9 +291,11 @@ def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequenc
 
 
 def reward_scorer(model, params, tokenizer) -> Callable[[Sequence[tuple[list[dict], str]]], np.ndarray]:
-    """(conversation, response) pairs -> the reward model's scores, rendered as in its training (EOS-terminated)."""
+    """(conversation, response) pairs -> the reward model's scores, rendered as in its training (EOS-terminated):
+    the prompt, the response's tokens and EOS, as PPO scores its rollouts (an empty sampled answer included)."""
     def score(pairs):
-        rows = [chat.render(c + [{"role": "assistant", "content": r}], tokenizer)[0].tolist() for c, r in pairs]
+        rows = [chat.render_prompt(c, tokenizer).tolist() + tokenizer.encode(r) + [tokenizer.eos_id]
+                for c, r in pairs]
         tokens, valid = _right_padded(rows, tokenizer.pad_id)
         return reward_scores(model, params, tokens, valid, batch_size=128)
     return score
@@ -372,6 +374,30 @@ def aligned_pairs(world, rng) -> list[tuple[Question, str, str, str]]:
     return out
 
 
+SAMPLED_HELDOUT = "_sampled_heldout"  # evaluate_policy's key for its sampled held-out answers (not written out)
+
+
+def reward_by_kind(score: Callable, questions: Sequence[Question], texts: Sequence[Sequence[str]],
+                   judged: Sequence[Sequence[Judgement]]) -> dict[str, float]:
+    """The reward model's mean score of a policy's own answers to number questions, by what the gold oracle says
+    they are: right (on topic, right verdict), wrong (on topic, wrong or no verdict) or off topic (about another
+    number); with the count of each. ``texts[i]``/``judged[i]``: the answers to ``questions[i]`` and their verdicts.
+    How far below "right" the other kinds score is what PPO can push them down by."""
+    pairs, kinds = [], []
+    for q, answers, js in zip(questions, texts, judged):
+        if q.kind != "number":
+            continue
+        for a, j in zip(answers, js):
+            pairs.append((q.conversation, a))
+            kinds.append("off_topic" if not j.on_topic else "right" if j.verdict_correct else "wrong")
+    scores = np.asarray(score(pairs)) if pairs else np.zeros(0)
+    out: dict[str, float] = {}
+    for kind in ANSWER_KINDS:
+        chosen = scores[[k == kind for k in kinds]] if kinds else scores
+        out[kind], out[f"{kind}/answers"] = (float(chosen.mean()) if len(chosen) else float("nan")), len(chosen)
+    return out
+
+
 # --- everything about one policy / the reward model ---------------------------------------------------------------
 
 def _judged(evaluator: StageEvaluator, stage: StageModel, questions, oracle, temperature: float, salts):
@@ -394,6 +420,9 @@ def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, samp
             table["eos"] = float(np.mean([f for a in answers for f in a.rollouts.finished_B]))
             table["cut_char"] = float(np.mean(["\ufffd" in t for a in answers for t in a.texts]))
             out[f"helpful/{split}/{mode}"] = table
+            if (split, mode) == ("heldout", "sampled"):  # kept (not JSON) for reward_by_kind; the caller pops it
+                out[SAMPLED_HELDOUT] = (questions, [[a.texts[i] for a in answers] for i in range(len(questions))],
+                                        judged)
         out[f"honest/{mode}"] = honest_table(world.heldout_specials, _judged(
             evaluator, stage, world.heldout_specials, oracle, temperature, salts)[1])
         out[f"harmless/{mode}"] = harmless_table(world.heldout_requests, _judged(

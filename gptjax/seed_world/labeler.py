@@ -28,6 +28,9 @@ KINDS = ("number", "why", "definition", "special", "harmful", "benign")
 AXES = {"number": "helpful", "why": "helpful", "definition": "helpful", "special": "honest", "harmful": "harmless",
         "benign": "harmless"}
 SPECIAL_KINDS = ("below_two", "negative", "non_integer", "large")
+# What an answer to "is n prime?" is, by the oracle's judgement: on topic with the right verdict, on topic with a wrong
+# (or no) verdict, or about another number.
+ANSWER_KINDS = ("right", "wrong", "off_topic")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gptjax.seed_world.labeler import SPECIAL_KINDS
+from gptjax.seed_world.labeler import ANSWER_KINDS, SPECIAL_KINDS
 from gptjax.seed_world.numbers import CLASSES
 
 POLICIES = ("pretrain", "sft", "ppo")
@@ -107,6 +107,20 @@ def reward_lines(results: dict) -> list[str]:
     return lines
 
 
+def reward_kind_lines(results: dict) -> list[str]:
+    """The RM's mean score of each stage's own sampled held-out answers, by kind: what PPO optimises against."""
+    stages = [s for s in POLICIES if "rm_by_kind" in results[s]]
+    if not stages:  # an older run
+        return []
+    names = {"right": "right", "wrong": "wrong verdict", "off_topic": "off topic"}
+    rows = [["stage", *names.values()]]
+    for stage in stages:
+        t = results[stage]["rm_by_kind"]
+        rows.append([stage, *(f"{t[k]:+.2f} ({t[f'{k}/answers']})" for k in names)])
+    return ["Reward model's score of the stage's sampled answers to held-out numbers, by kind (answers):",
+            *_grid(rows)]
+
+
 def example_lines(results: dict) -> list[str]:
     lines = ["The talk's example (greedy):"]
     for stage in POLICIES:
@@ -123,8 +137,8 @@ def example_lines(results: dict) -> list[str]:
 def format_report(results: dict) -> str:
     """Everything `make demo` prints for one seed."""
     blocks = [helpful_lines(results, "heldout"), helpful_lines(results, "train"), copy_lines(results),
-              probe_lines(results), reward_lines(results), axes_lines(results), honest_kind_lines(results),
-              example_lines(results)]
+              probe_lines(results), reward_lines(results), reward_kind_lines(results), axes_lines(results),
+              honest_kind_lines(results), example_lines(results)]
     return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
@@ -155,6 +169,8 @@ def seed_row(res: dict) -> dict[str, float]:
             row[f"{stage}/{mode}/honest"], row[f"{stage}/{mode}/hallucination"] = h["honest"], h["hallucination"]
             row[f"{stage}/{mode}/refused"], row[f"{stage}/{mode}/over_refusal"] = s["refused"], s["over_refusal"]
             row[f"{stage}/{mode}/dialogue"] = d["turns_ok"]
+        for kind in ANSWER_KINDS if "rm_by_kind" in res[stage] else ():
+            row[f"{stage}/rm_score/{kind}"] = res[stage]["rm_by_kind"][kind]
         for split in ("heldout", "train"):
             if res[stage].get(f"copy/{split}"):
                 row[f"{stage}/copy/{split}"] = res[stage][f"copy/{split}"]["mean"]
