@@ -125,9 +125,9 @@ def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     c.labels.verdict_pair = True
     # With topic_pairs, also, as a ranking of its own, the expert's answer against the same answer about another
     # number of the same class (for numbers beyond the range: about an in-range piece). The reward model then
-    # tells the asked number from another (0.62 -> 0.93 of such pairs, seed 0), but at this budget its verdict
-    # pairs got worse (three seeds: verdict-only 1.00 -> 0.91 on held-out primes) and PPO's sampled answers were
-    # not more often on topic (0.236 -> 0.227 off topic; balanced 0.731 -> 0.722). Off in the demo.
+    # tells the asked number from another (class means of three seeds: 0.52-0.76 -> 0.89-0.98 of such pairs), but
+    # at this budget its verdict pairs got worse (verdict-only 1.00 -> 0.88 on held-out primes) and PPO's sampled
+    # answers were not more often on topic (0.236 -> 0.227 off topic; balanced 0.731 -> 0.722). Off in the demo.
     c.labels.topic_pairs = False
     c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
     c.eval = ml_collections.ConfigDict()
