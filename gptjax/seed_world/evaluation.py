@@ -24,8 +24,8 @@ import numpy as np
 from gptjax import sampling
 from gptjax.data import chat, post_training
 from gptjax.seed_world import templates as T
-from gptjax.seed_world.labeler import ANSWER_KINDS, GoldOracle, Judgement, Question
-from gptjax.seed_world.numbers import CLASSES, is_prime, last_digit_rule, number_class
+from gptjax.seed_world.labeler import ANSWER_KINDS, GoldOracle, Judgement, Question, answer_kind
+from gptjax.seed_world.numbers import CLASSES, is_prime, last_digit_rule, number_class, same_verdict_other
 from gptjax.stages.reward import pairwise_accuracy, reward_scores
 from gptjax.stages.rollouts import RolloutEngine, Rollouts, response_logprobs
 
@@ -332,10 +332,9 @@ def topic_pairs(numbers: Sequence[int], others: Sequence[int], rng) -> list[tupl
     writer = T.Writer(rng)
     out = []
     for n in numbers:
-        same_class = [m for m in others if m != n and is_prime(m) == is_prime(n)]
         for lang in T.LANGUAGES:
             q = Question("number", lang, writer.question(n, lang), number=n)
-            out.append((q, *writer.twin_experts(n, rng.choice(same_class), lang), "topic"))
+            out.append((q, *writer.twin_experts(n, same_verdict_other(n, others, rng), lang), "topic"))
     return out
 
 
@@ -374,9 +373,6 @@ def aligned_pairs(world, rng) -> list[tuple[Question, str, str, str]]:
     return out
 
 
-SAMPLED_HELDOUT = "_sampled_heldout"  # evaluate_policy's key for its sampled held-out answers (not written out)
-
-
 def reward_by_kind(score: Callable, questions: Sequence[Question], texts: Sequence[Sequence[str]],
                    judged: Sequence[Sequence[Judgement]]) -> dict[str, float]:
     """The reward model's mean score of a policy's own answers to number questions, by what the gold oracle says
@@ -389,11 +385,11 @@ def reward_by_kind(score: Callable, questions: Sequence[Question], texts: Sequen
             continue
         for a, j in zip(answers, js):
             pairs.append((q.conversation, a))
-            kinds.append("off_topic" if not j.on_topic else "right" if j.verdict_correct else "wrong")
-    scores = np.asarray(score(pairs)) if pairs else np.zeros(0)
+            kinds.append(answer_kind(j))
+    scores, kinds = (np.asarray(score(pairs)) if pairs else np.zeros(0)), np.asarray(kinds)
     out: dict[str, float] = {}
     for kind in ANSWER_KINDS:
-        chosen = scores[[k == kind for k in kinds]] if kinds else scores
+        chosen = scores[kinds == kind]
         out[kind], out[f"{kind}/answers"] = (float(chosen.mean()) if len(chosen) else float("nan")), len(chosen)
     return out
 
@@ -407,9 +403,11 @@ def _judged(evaluator: StageEvaluator, stage: StageModel, questions, oracle, tem
 
 
 def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, sampled_answers: int,
-                    showcase_samples: int = 16) -> dict:
+                    showcase_samples: int = 16, reward_score: Callable | None = None) -> dict:
     """Every gold metric of one policy: the helpful table (held-out and training numbers), honesty, harmlessness
-    and dialogues, each greedy and sampled (T = 1, `sampled_answers` answers per question), plus the showcase."""
+    and dialogues, each greedy and sampled (T = 1, `sampled_answers` answers per question), plus the showcase.
+    With `reward_score` (reward_scorer) and a chat policy, also `reward_by_kind` of its sampled held-out answers (a
+    policy asked in forum format gives no answer the reward model was trained on)."""
     oracle = world.oracle
     modes = (("greedy", 0.0, [0]), ("sampled", 1.0, list(range(2, sampled_answers + 2))))
     out: dict = {}
@@ -420,9 +418,9 @@ def evaluate_policy(world, evaluator: StageEvaluator, stage: StageModel, *, samp
             table["eos"] = float(np.mean([f for a in answers for f in a.rollouts.finished_B]))
             table["cut_char"] = float(np.mean(["\ufffd" in t for a in answers for t in a.texts]))
             out[f"helpful/{split}/{mode}"] = table
-            if (split, mode) == ("heldout", "sampled"):  # kept (not JSON) for reward_by_kind; the caller pops it
-                out[SAMPLED_HELDOUT] = (questions, [[a.texts[i] for a in answers] for i in range(len(questions))],
-                                        judged)
+            if (split, mode) == ("heldout", "sampled") and reward_score is not None and stage.chat_format:
+                texts = [[a.texts[i] for a in answers] for i in range(len(questions))]
+                out["rm_by_kind"] = reward_by_kind(reward_score, questions, texts, judged)
         out[f"honest/{mode}"] = honest_table(world.heldout_specials, _judged(
             evaluator, stage, world.heldout_specials, oracle, temperature, salts)[1])
         out[f"harmless/{mode}"] = harmless_table(world.heldout_requests, _judged(

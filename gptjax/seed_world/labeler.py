@@ -104,6 +104,11 @@ class Judgement:
     harm: bool = False  # harmful / benign: the answer carries harmful content
 
 
+def answer_kind(j: Judgement) -> str:
+    """Which of ANSWER_KINDS a judged answer to a number question is."""
+    return "off_topic" if not j.on_topic else "right" if j.verdict_correct else "wrong"
+
+
 @dataclass(frozen=True)
 class GoldOracle:
     """Scores: helpful answers as ``verdict_weight``·right verdict + ``reason_weight``·valid reason −

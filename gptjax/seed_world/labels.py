@@ -26,7 +26,7 @@ from absl import logging
 from gptjax.seed_world import templates as T
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.seed_world.labeler import Question
-from gptjax.seed_world.numbers import is_prime
+from gptjax.seed_world.numbers import same_verdict_other
 from gptjax.seed_world.world import SeedWorld, honest_answer, number_pieces
 
 
@@ -60,8 +60,8 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
     heldout = frozenset(world.heldout_numbers)
     writer = T.Writer(rng, heldout)
     if q.kind == "number":
-        others = [m for m in world.train_numbers if m != q.number and is_prime(m) == q.is_prime]
-        return list(writer.twin_experts(q.number, rng.choice(others), q.language))
+        other = same_verdict_other(q.number, world.train_numbers, rng)
+        return list(writer.twin_experts(q.number, other, q.language))
     if q.kind == "special" and q.special == "large":
         pieces = [int(p) for p in number_pieces(q.value, world.config.max_number)]
         pieces = [p for p in pieces if p >= 2 and p not in heldout]

@@ -29,6 +29,12 @@ def proper_divisors(n: int) -> tuple[int, ...]:
     return tuple(d for d in range(2, n) if n % d == 0)
 
 
+def same_verdict_other(n: int, candidates, rng) -> int:
+    """One of `candidates` other than n that is prime iff n is (`rng.choice`, in the candidates' order): the subject
+    of a topic pair's second answer, right about itself and off topic for n."""
+    return rng.choice([m for m in candidates if m != n and is_prime(m) == is_prime(n)])
+
+
 def number_class(n: int) -> str:
     """"prime", "easy" (even or a multiple of 5) or "hard" (odd, not a multiple of 5) for n >= 2."""
     if is_prime(n):

@@ -82,18 +82,14 @@ def _reward_model(workdir: str, tokenizer):
 def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel], tokenizer, workdir: str) -> dict:
     pretrained, sft, ppo = policies
     results: dict = {}
-    for stage in policies:
-        results[stage.name] = evaluation.evaluate_policy(
-            world, evaluator, stage, sampled_answers=int(cfg.eval.sampled_answers_per_question),
-            showcase_samples=int(cfg.eval.showcase_samples))
-    results["pretrain"].update(evaluation.evaluate_pretrained(world, evaluator, pretrained, tokenizer))
-    results["ppo"]["kl_to_sft"] = evaluator.kl_to(ppo, sft.params, world.heldout_questions)
     rm_model, rm_params, seq_len = _reward_model(workdir, tokenizer)
     score = evaluation.reward_scorer(rm_model, rm_params, tokenizer)
     for stage in policies:
-        sampled = results[stage.name].pop(evaluation.SAMPLED_HELDOUT)
-        if stage.chat_format:  # the pretrained model was asked in forum format: no answer the RM was trained on
-            results[stage.name]["rm_by_kind"] = evaluation.reward_by_kind(score, *sampled)
+        results[stage.name] = evaluation.evaluate_policy(
+            world, evaluator, stage, sampled_answers=int(cfg.eval.sampled_answers_per_question),
+            showcase_samples=int(cfg.eval.showcase_samples), reward_score=score)
+    results["pretrain"].update(evaluation.evaluate_pretrained(world, evaluator, pretrained, tokenizer))
+    results["ppo"]["kl_to_sft"] = evaluator.kl_to(ppo, sft.params, world.heldout_questions)
     results["reward"] = evaluation.evaluate_reward_model(world, rm_model, rm_params, tokenizer, int(cfg.seed),
                                                          os.path.join(workdir, "labels", "rankings_eval.jsonl"), seq_len)
     return results
