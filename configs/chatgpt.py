@@ -60,6 +60,9 @@ def _pretrain_config() -> ml_collections.ConfigDict:
 # tiny, consistent "not this token" gradient of every number never seen as a target into a full lr-sized step, so
 # fine-tuning on training numbers moved the held-out numbers' embeddings 2.5x as far as the others' (0.30 vs 0.12
 # of a norm of ~0.85, 100 SFT steps) and the SFT policy answered 81% of held-out questions about another number.
+# The rows of tokens the pretraining corpus never contains (the chat role tokens; pieces only answers use, such as
+# "Sorry", "Because", "Use") still train: the pipeline sets optim.trainable_token_ids to them. Pretraining left
+# them one shared vector, and frozen so, SFT gave "Sorry" 0.003 where its demonstrations begin with it.
 FROZEN = ("decoder/wte",)
 
 

@@ -75,6 +75,12 @@ def optim_config() -> ml_collections.ConfigDict:
     # lr-sized step per update (their tiny softmax gradients are normalised), so fine-tuning on some numbers pushes
     # the others' embeddings away; freezing them keeps what pretraining learned about every token. None = none.
     o.frozen = placeholder(tuple)
+    # Token ids whose rows of the token embedding train although optim.frozen freezes "decoder/wte": the tokens the
+    # pretraining corpus never contained (gptjax.data.packing.tokens_absent_from). Pretraining pushes all of those
+    # rows the same way, to one shared vector, so with the embedding (and the tied LM head) frozen a fine-tuned
+    # model cannot tell the chat role tokens apart, nor make one such token ("Sorry", when only the demonstrations
+    # use it) likelier than the others: it gives all of them one probability. None = none.
+    o.trainable_token_ids = placeholder(tuple)
     return o
 
 

@@ -214,6 +214,17 @@ def test_batch_not_divisible_by_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ packing
 
+
+def test_tokens_absent_from_a_corpus_are_those_no_packed_row_holds(tmp_path):
+    """The ids a model pretrained on a corpus never sees: checked against every token of the packed rows."""
+    path, docs = letter_corpus(tmp_path, [3, 7, 12, 5])
+    absent = packing.tokens_absent_from(docs, TOK)
+    batches = list(make_lm_iterator(text_files_cfg(tmp_path, str(path)), TOK, split="train", global_batch_size=1,
+                                    seq_len=8, seed=0, process_index=0, process_count=1, num_epochs=1))
+    seen = {int(t) for b in batches for t in (*b["inputs"][b["segment_ids"] > 0], *b["targets"][b["weights"] > 0])}
+    assert set(absent) == set(range(TOK.vocab_size)) - seen
+    assert TOK.eos_id not in absent and TOK.pad_id in absent and ord("?") in absent
+
 SEQ_LEN = 16
 LENGTHS = [1, 3, 14, 15, 16, 17, 40, 2, 9, 33, 5, 0, 8, 21, 6]  # around seq_len, longer ones, an empty doc
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from gptjax.errors import ConfigError
@@ -141,3 +142,62 @@ def test_decay_mask_refuses_unknown_parameter_names():
 def test_bad_optim_config_is_one_clear_error(field, value, message):
     with pytest.raises(ConfigError, match=message):
         make_optimizer(optim_cfg(**{field: value}), total_steps=100, params={"w": {"kernel": jnp.ones((2, 2))}})
+
+
+def _frozen_case():
+    rng = np.random.default_rng(0)
+    params = {"decoder": {"wte": {"embedding": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)},
+                          "ln_f": {"scale": jnp.ones(3)}},
+              "dense": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    return params, grads
+
+
+@pytest.mark.parametrize("trainable", [(), (1, 4)])
+def test_frozen_embedding_keeps_its_rows_except_the_trainable_ones(trainable):
+    """Frozen parameters never move (not even by weight decay), and they count nowhere: every other update, the
+    trainable rows' included, equals an unfrozen optimizer's given the same gradients with the frozen ones zeroed."""
+    params, grads = _frozen_case()
+    frozen_rows = np.setdiff1d(np.arange(6), trainable)
+    tx, _ = make_optimizer(optim_cfg(warmup_steps=0, frozen=("decoder/wte",), trainable_token_ids=trainable),
+                           total_steps=100, params=params)
+    free, _ = make_optimizer(optim_cfg(warmup_steps=0), total_steps=100, params=params)
+    zeroed = jax.tree.map(lambda g: g, grads)  # a copy of the tree
+    zeroed["decoder"]["wte"]["embedding"] = grads["decoder"]["wte"]["embedding"].at[frozen_rows].set(0.0)
+    state, free_state, p, q = tx.init(params), free.init(params), params, params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, p)
+        free_updates, free_state = free.update(zeroed, free_state, q)
+        p, q = optax.apply_updates(p, updates), optax.apply_updates(q, free_updates)
+    wte, ref = np.asarray(p["decoder"]["wte"]["embedding"]), np.asarray(q["decoder"]["wte"]["embedding"])
+    np.testing.assert_array_equal(wte[frozen_rows], np.asarray(params["decoder"]["wte"]["embedding"])[frozen_rows])
+    if trainable:
+        np.testing.assert_allclose(wte[list(trainable)], ref[list(trainable)], rtol=1e-6)
+        assert not np.allclose(wte[list(trainable)], np.asarray(params["decoder"]["wte"]["embedding"])[list(trainable)])
+    for path in (("dense", "kernel"), ("decoder", "ln_f", "scale")):
+        got, want = p, q
+        for key in path:
+            got, want = got[key], want[key]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_a_nan_gradient_in_a_frozen_row_stays_out_of_the_update():
+    params, grads = _frozen_case()
+    grads["decoder"]["wte"]["embedding"] = grads["decoder"]["wte"]["embedding"].at[0, 0].set(jnp.nan)
+    tx, _ = make_optimizer(optim_cfg(frozen=("decoder/wte",), trainable_token_ids=(2,), clip_norm=0.0),
+                           total_steps=100, params=params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(trainable_token_ids=(1,)), "optim.frozen is empty"),
+    (dict(frozen=("dense",), trainable_token_ids=(1,)), "does not freeze"),
+    (dict(frozen=("decoder/wte",), trainable_token_ids=(6,)), r"6 is not a row of the 6-row token embedding"),
+    (dict(frozen=("decoder/wte",), trainable_token_ids=(-1,)), r"-1 is not a row"),
+    (dict(frozen=("decoder/wpe",)), "match no parameter"),
+])
+def test_bad_frozen_config_is_one_clear_error(overrides, message):
+    params, _ = _frozen_case()
+    with pytest.raises(ConfigError, match=message):
+        make_optimizer(optim_cfg(**overrides), total_steps=100, params=params)

@@ -112,7 +112,7 @@ def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
     labels = {"train": os.path.join(workdir, "labels", "rankings_train.jsonl"),
               "eval": os.path.join(workdir, "labels", "rankings_eval.jsonl")}
     tokenizer_path = os.path.join(workdir, "world", "tokenizer.model")
-    _, s, r, _ = pipeline._configure(cfg, workdir, files, tokenizer_path, labels)
+    _, s, r, _ = pipeline._configure(cfg, workdir, files, tokenizer_path, labels, ())
     # SFT for one step at a vanishing learning rate ends where pretraining ended.
     s.train.steps, s.optim.lr, s.optim.weight_decay = 1, 1e-12, 0.0
     s.train.eval_every, s.train.ckpt_every, s.train.sample_prompts = 0, 1, ()
@@ -131,6 +131,28 @@ def test_stage_handoff_loads_the_previous_runs_parameters(smoke, tmp_path):
         registry.load_policy(str(tmp_path / "rm"))
 
 
+def test_fine_tuning_trains_only_the_embedding_rows_pretraining_never_saw(smoke):
+    """SFT, the reward model and PPO freeze the token embedding except the tokens absent from the pretraining corpus:
+    every token of that corpus keeps its pretrained row; the chat role tokens, which only fine-tuning reads, move."""
+    from gptjax.tokenizers import make_tokenizer
+
+    workdir, _, _ = smoke
+    tok = make_tokenizer("sentencepiece", os.path.join(workdir, "world", "tokenizer.model"))
+    seen = {tok.eos_id}
+    for line in open(os.path.join(workdir, "world", "pretrain.jsonl"), encoding="utf-8"):
+        seen.update(tok.encode(json.loads(line)["text"]))
+    roles = [tok.special_id(f"<|{r}|>") for r in ("user", "assistant", "end_of_turn")]
+    for stage in ("sft", "reward", "ppo"):
+        stored = json.load(open(os.path.join(workdir, stage, "config.json"), encoding="utf-8"))
+        assert set(stored["optim"]["trainable_token_ids"]) == set(range(tok.vocab_size)) - seen, stage
+    wte = {stage: np.asarray(registry.load_policy(os.path.join(workdir, stage))[1]["decoder"]["wte"]["embedding"])
+           for stage in ("pretrain", "sft", "ppo")}
+    rows = sorted(seen)
+    for stage in ("sft", "ppo"):
+        np.testing.assert_array_equal(wte[stage][rows], wte["pretrain"][rows])
+        assert np.all(np.abs(wte[stage][roles] - wte["pretrain"][roles]).max(axis=1) > 1e-4), stage
+
+
 def test_ppo_ptx_batches_come_from_the_worlds_pretraining_corpus(smoke):
     """PPO-ptx mixes in the pretraining corpus: every row of a ptx batch is a piece of the world's pretraining text."""
     from gptjax.data.pipeline import make_lm_iterator
@@ -140,7 +162,7 @@ def test_ppo_ptx_batches_come_from_the_worlds_pretraining_corpus(smoke):
     files = {n: os.path.join(workdir, "world", f"{n}.jsonl") for n in ("pretrain", "sft_train", "sft_eval",
                                                                         "ppo_prompts")}
     tokenizer_path = os.path.join(workdir, "world", "tokenizer.model")
-    p, _, _, o = pipeline._configure(cfg, workdir, files, tokenizer_path, None)
+    p, _, _, o = pipeline._configure(cfg, workdir, files, tokenizer_path, None, ())
     assert o.ptx.to_dict() == p.data.to_dict()
     tok = make_tokenizer("sentencepiece", tokenizer_path)
     batch = next(make_lm_iterator(o.ptx, tok, split="train", global_batch_size=4, seq_len=32, seed=0))

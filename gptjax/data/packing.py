@@ -22,7 +22,7 @@ Choices, and why:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -37,6 +37,18 @@ def tokenize_document(document: Mapping[str, str], tokenizer: Any) -> dict[str, 
     """``{"tokens": [EOS, *encode(text)]}`` as int32 (the leading EOS separates it from the document before)."""
     ids = tokenizer.encode(document["text"])
     return {TOKENS: np.asarray([tokenizer.eos_id, *ids], dtype=np.int32)}
+
+
+def tokens_absent_from(texts: Iterable[str], tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the tokenizer's vocabulary that pretraining on ``texts`` never sees, as input or as target (documents
+    read as ``tokenize_document`` reads them, EOS included): the chat role tokens of a corpus without chats, and
+    pieces that only fine-tuning text uses when the tokenizer was trained on both. A model pretrained on ``texts``
+    has moved these rows of its token embedding only by the softmax's "not this token" gradient, which pushes them
+    all the same way, so they end up one shared vector (optim.trainable_token_ids says why that matters)."""
+    seen = np.zeros(tokenizer.vocab_size, bool)
+    for text in texts:
+        seen[tokenize_document({"text": text}, tokenizer)[TOKENS]] = True
+    return tuple(int(i) for i in np.flatnonzero(~seen))
 
 
 def end_of_stream(tokenizer: Any) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from gptjax import sharding
+from gptjax.data.packing import tokens_absent_from
 from gptjax.model import ScoreModel
 from gptjax.seed_world import evaluation, labels
 from gptjax.seed_world import world as world_lib
@@ -25,6 +26,7 @@ from gptjax.seed_world.config import SeedWorldConfig
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.stages import common, registry
 from gptjax.stages.reward import load_reward_params
+from gptjax.tokenizers import make_tokenizer
 
 # The stages the recipe runs, in order; the pipeline config has one section of each name (configs/chatgpt.py).
 STAGE_NAMES = ("pretrain", "sft", "reward", "ppo")
@@ -35,8 +37,10 @@ def _stage_dir(workdir: str, name: str) -> str:
 
 
 def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, tokenizer_path: str,
-               label_paths: dict | None):
-    """Point each stage's config at the world files and the previous stage's run; every stage gets cfg.seed."""
+               label_paths: dict | None, unseen: tuple[int, ...]):
+    """Point each stage's config at the world files and the previous stage's run; every stage gets cfg.seed.
+    A fine-tuning stage that freezes the token embedding still trains the rows of `unseen` (tokens pretraining
+    never saw)."""
     p, s, r, o = (cfg[name].copy_and_resolve_references() for name in STAGE_NAMES)
     p.tokenizer.kind, p.tokenizer.path = "sentencepiece", tokenizer_path
     p.data.paths = str(files["pretrain"])
@@ -53,6 +57,9 @@ def _configure(cfg: ml_collections.ConfigDict, workdir: str, files: dict, tokeni
     o.ptx = p.data.copy_and_resolve_references()  # PPO-ptx's LM batches: the pretraining corpus, read the same way
     for stage_cfg in (p, s, r, o):
         stage_cfg.train.seed = int(cfg.seed)
+    for stage_cfg in (s, r, o):
+        if stage_cfg.optim.frozen:
+            stage_cfg.optim.trainable_token_ids = unseen
     return p, s, r, o
 
 
@@ -110,9 +117,12 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
     files = world_lib.write_jsonl(world, os.path.join(workdir, "world"))
     tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces))
+    # Tokens the pretraining corpus never contains (the chat role tokens; pieces only answers use): fine-tuning
+    # stages that freeze the token embedding still train their rows (optim.trainable_token_ids).
+    unseen = tokens_absent_from(world.pretrain_texts, make_tokenizer("sentencepiece", tokenizer_path))
     timings = {"world": time.time() - t0}
 
-    pretrain_cfg, sft_cfg, _, _ = _configure(cfg, workdir, files, tokenizer_path, None)
+    pretrain_cfg, sft_cfg, _, _ = _configure(cfg, workdir, files, tokenizer_path, None, unseen)
     _train("pretrain", pretrain_cfg, workdir, timings)
     _train("sft", sft_cfg, workdir, timings)
     pretrained, tokenizer = _policy("pretrain", workdir)
@@ -129,7 +139,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
                                             verdict_pair=bool(cfg.labels.verdict_pair),
                                             topic_pairs=bool(cfg.labels.topic_pairs))
     timings["labels"] = time.time() - start
-    _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths)
+    _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths, unseen)
     _train("reward", reward_cfg, workdir, timings)
     if through == "reward":
         return {"timings_s": {**timings, "total": time.time() - t0}}

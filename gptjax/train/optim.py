@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gptjax.errors import ConfigError
@@ -80,15 +81,66 @@ def make_optimizer(optim_cfg, total_steps: int, params) -> tuple[optax.GradientT
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, mask=decay_mask(params)))
     frozen = tuple(optim_cfg.get("frozen", None) or ())
+    trainable_ids = tuple(optim_cfg.get("trainable_token_ids", None) or ())
+    if trainable_ids and not frozen:
+        raise ConfigError("optim.trainable_token_ids names rows of a frozen token embedding, but optim.frozen is "
+                          f"empty; add {TOKEN_EMBEDDING.rsplit('/', 1)[0]!r} to optim.frozen or drop the ids")
     if frozen:
         # Zero the frozen parameters' gradients before clipping and Adam (they count in neither) and their update
         # after (AdamW's weight decay would still move them).
-        mask = jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, frozen))
-        parts = [optax.masked(optax.set_to_zero(), mask), *parts, optax.masked(optax.set_to_zero(), mask)]
+        hold = freeze(params, frozen, trainable_ids)
+        parts = [hold, *parts, hold]
     return optax.chain(*parts), schedule
 
 
 FROZEN = "frozen"
+TOKEN_EMBEDDING = "decoder/wte/embedding"
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def freeze(params, prefixes, trainable_token_ids=()) -> optax.GradientTransformation:
+    """Zeroes the updates of the parameters under ``prefixes`` (see frozen_labels), except, when the token
+    embedding is frozen, its rows ``trainable_token_ids``: those pass unchanged."""
+    labels = frozen_labels(params, prefixes)
+    held: dict[str, np.ndarray | None] = {}  # frozen parameter -> rows that still train (None: none)
+    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
+        if label == FROZEN:
+            held[_path_name(path)] = None
+    if trainable_token_ids:
+        if TOKEN_EMBEDDING not in held:
+            raise ConfigError(f"optim.trainable_token_ids names rows of {TOKEN_EMBEDDING}, which optim.frozen "
+                              f"{tuple(prefixes)} does not freeze; freeze 'decoder/wte' or drop the ids")
+        vocab = _leaf(params, TOKEN_EMBEDDING).shape[0]
+        ids = np.asarray(trainable_token_ids, np.int64)
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ConfigError(f"optim.trainable_token_ids: {int(ids.max() if ids.max() >= vocab else ids.min())} "
+                              f"is not a row of the {vocab}-row token embedding; give ids in [0, {vocab})")
+        rows_V1 = np.zeros((vocab, 1), bool)
+        rows_V1[ids] = True
+        held[TOKEN_EMBEDDING] = rows_V1
+
+    def update(updates, state, params=None):
+        del params
+
+        def hold(path, u):
+            name = _path_name(path)
+            if name not in held:
+                return u
+            rows = held[name]
+            # where, not a product: a NaN gradient in a frozen row must not leak into the update
+            return jnp.zeros_like(u) if rows is None else jnp.where(rows, u, jnp.zeros_like(u))
+        return jax.tree_util.tree_map_with_path(hold, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _leaf(tree, name: str):
+    for part in name.split("/"):
+        tree = tree[part]
+    return tree
 
 
 def frozen_labels(params, prefixes) -> Any:
@@ -97,7 +149,7 @@ def frozen_labels(params, prefixes) -> Any:
     used = set()
 
     def label(path, _):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = _path_name(path)
         hits = [p for p in prefixes if name == p.rstrip("/") or name.startswith(p.rstrip("/") + "/")]
         used.update(hits)
         return FROZEN if hits else "trained"
