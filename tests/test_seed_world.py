@@ -368,8 +368,8 @@ def test_labelers_verdict_pair_is_minimal_ranked_right_and_unlike_the_evaluation
             q = Question("number", lang, f"{n}?", number=n)
             plain = written_answers(q, random.Random(1), world)
             paired = written_answers(q, random.Random(1), world, verdict_pair=True)
-            assert paired[:2] == plain and len(paired) == 4
-            true, false = paired[2:]
+            assert paired[:3] == plain and len(paired) == 5
+            true, false = paired[3:]
             assert _mentions(true, n) and _mentions(false, n) and true != false
             # the verdict alone differs, and the gold labeler ranks the true one higher
             assert ORACLE.judge(q, true).verdict_correct and not ORACLE.judge(q, false).verdict_correct
@@ -377,3 +377,22 @@ def test_labelers_verdict_pair_is_minimal_ranked_right_and_unlike_the_evaluation
             # and they are not the strings the reward model's verdict-only test scores
             evaluated = {s for p in verdict_pairs([n], rng) for s in p[1:3]}
             assert not {true, false} & evaluated
+
+
+@pytest.mark.parametrize("n", [27, 91, 13, 2])
+def test_a_reason_meant_for_another_kind_of_value_is_false_of_an_ordinary_number(world, n):
+    """"27 不是質數，因為它不是整數。" gives 27 a reason that is false of it: the labeler scores it below the bare verdict,
+    and the labelers write such an answer into every number ranking, where it ranks below the expert's."""
+    from gptjax.seed_world.labels import MISPLACED_KINDS, written_answers
+    for lang in T.LANGUAGES:
+        q = Question("number", lang, f"{n}?", number=n)
+        bare = ORACLE.score(q, T.LABELER_VERDICTS[n in PRIMES][lang].format(n=n))
+        expert = ORACLE.score(q, T.Writer(random.Random(0)).expert(n, lang))
+        for kind in MISPLACED_KINDS:
+            answer = T.HONEST[kind][lang][0].format(v=n)
+            j = ORACLE.judge(q, answer)
+            assert j.reason != "valid" and j.score < bare < expert, (kind, answer, j)
+            if kind != "large_unknown":  # the others state a falsehood about n; "can't tell" states none
+                assert j.reason == "invalid", (kind, answer)
+        misplaced = written_answers(q, random.Random(n), world)[2]
+        assert ORACLE.score(q, misplaced) < expert and str(n) in misplaced

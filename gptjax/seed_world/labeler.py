@@ -167,7 +167,10 @@ class GoldOracle:
                 verdict = False
             elif prime_reason and not nontrivial:
                 verdict = True
-        reason = _reason(nontrivial, prime_reason, p, on_topic, false_claim, verdict)
+        # The reasons of other kinds of value are false of an integer above 1: "it is not a whole number", "it is
+        # negative", "a prime must be greater than 1" (so this one is not). An answer giving one has a false reason.
+        misplaced = p.non_integer_reason or p.negative_reason or (p.above_one_reason and number > 1)
+        reason = "invalid" if misplaced else _reason(nontrivial, prime_reason, p, on_topic, false_claim, verdict)
         verdict_correct = on_topic and verdict is not None and verdict == truth
         score = (self.verdict_weight * verdict_correct + self.reason_weight * (reason == "valid")
                  - self.false_reason_penalty * (reason == "invalid") + self.language_weight * language_match)

@@ -30,13 +30,21 @@ from gptjax.seed_world.numbers import same_verdict_other
 from gptjax.seed_world.world import SeedWorld, honest_answer, number_pieces
 
 
+# Answers to other kinds of value that a policy also gives to an ordinary number ("27 不是質數，因為它不是整數。",
+# "I can't tell whether 27 is prime"): a reward model that never saw one ranked can score it above the right
+# answer, and PPO finds it (the showcase's 27 answered so in two of three seeds).
+MISPLACED_KINDS = ("below_two", "negative", "non_integer", "large_unknown")
+
+
 def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_pair: bool = False) -> list[str]:
     """The expert's answer to `q` and one flawed answer of the kind `q` invites (empty for other kinds); for a
-    number question with `verdict_pair`, also the bare true and the bare false verdict."""
+    number question also an answer meant for another kind of value (MISPLACED_KINDS) and, with `verdict_pair`, the
+    bare true and the bare false verdict."""
     writer = T.Writer(rng, frozenset(world.heldout_numbers))
     lang = q.language
     if q.kind == "number":
-        answers = [writer.expert(q.number, lang), writer.wrong(rng.choice(T.WRONG_KINDS), q.number, lang)]
+        answers = [writer.expert(q.number, lang), writer.wrong(rng.choice(T.WRONG_KINDS), q.number, lang),
+                   writer.pick(T.HONEST[rng.choice(MISPLACED_KINDS)][lang], v=q.number)]
         if verdict_pair:
             answers += [T.LABELER_VERDICTS[v][lang].format(n=q.number) for v in (q.is_prime, not q.is_prime)]
         return answers
