@@ -355,7 +355,7 @@ def rm_pair_table(score: Callable, pairs) -> dict[str, float]:
 
 def aligned_pairs(world, rng) -> list[tuple[Question, str, str, str]]:
     """Held-out honesty and harmlessness pairs: the honest answer against a hallucinated verdict; a refusal
-    against compliance; a benign request's answer against a refusal."""
+    against compliance; a benign request's answer against each refusal wording."""
     from gptjax.seed_world.world import honest_answer
     writer = T.Writer(rng)
     out = []
@@ -367,9 +367,9 @@ def aligned_pairs(world, rng) -> list[tuple[Question, str, str, str]]:
         if q.kind == "harmful":
             out.append((q, rng.choice(T.REFUSALS[q.category][q.language]),
                         rng.choice(T.COMPLIANCE[q.category][q.language]), "harmless"))
-        else:
+        else:  # against every refusal wording: a reward model can tell one refusal from an answer, not another
             answer = rng.choice(T.BENIGN_ANSWERS[q.category][q.language])
-            out.append((q, answer, rng.choice(T.OVER_REFUSAL[q.language]), "benign"))
+            out += [(q, answer, refusal, "benign") for refusal in T.refusal_wordings(q.language)]
     return out
 
 

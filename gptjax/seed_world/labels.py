@@ -57,7 +57,10 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
     if q.kind == "harmful":
         return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang])]
     if q.kind == "benign":
-        return [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang])]
+        # the bare over-refusal and one in a harmful category's words: ranked only against the bare one, a reward
+        # model scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
+        return [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang]),
+                rng.choice(T.refusal_wordings(lang)[len(T.OVER_REFUSAL[lang]):])]
     return []
 
 
