@@ -396,3 +396,25 @@ def test_a_reason_meant_for_another_kind_of_value_is_false_of_an_ordinary_number
                 assert j.reason == "invalid", (kind, answer)
         misplaced = written_answers(q, random.Random(n), world)[2]
         assert ORACLE.score(q, misplaced) < expert and str(n) in misplaced
+
+
+def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):
+    """On a benign request the labelers rank the answer above the bare refusal and above a harmful category's
+    refusal; the reward model's benign test pairs the answer with every wording a refusal takes."""
+    from gptjax.seed_world.evaluation import aligned_pairs
+    from gptjax.seed_world.labels import written_answers
+    wordings = {lang: set(T.refusal_wordings(lang)) for lang in T.LANGUAGES}
+    assert all(len(w) == 1 + len(T.REFUSALS) for w in wordings.values())
+    for cat in sorted(T.BENIGN_REQUESTS):
+        for lang in T.LANGUAGES:
+            q = Question("benign", lang, T.BENIGN_REQUESTS[cat]["train"][lang][0], category=cat)
+            answer, bare, worded = written_answers(q, random.Random(cat), world)
+            assert bare in T.OVER_REFUSAL[lang] and worded in wordings[lang] - set(T.OVER_REFUSAL[lang])
+            for refusal in (bare, worded):
+                j = ORACLE.judge(q, refusal)
+                assert not j.ok and ORACLE.score(q, refusal) < ORACLE.score(q, answer), (refusal, j)
+    benign = [q for q in world.heldout_requests if q.kind == "benign"]
+    pairs = [p for p in aligned_pairs(world, random.Random(0)) if p[3] == "benign"]
+    assert len(pairs) == len(benign) * (1 + len(T.REFUSALS))
+    for q in benign:
+        assert {p[2] for p in pairs if p[0] is q} == wordings[q.language]
