@@ -2,8 +2,9 @@
 
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
 `labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer of
-the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal) — so every ranking
-holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions: the same
+the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal; on a number question
+also an answer meant for another kind of value, on a benign request also a refusal in a harmful category's words)
+— so every ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions: the same
 bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone decides
 their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often instead of
 which is true (one seed's preferred "not prime" for every held-out prime). With `topic_pairs` it also ranks, as a
