@@ -3,16 +3,17 @@
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
 `labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer of
 the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal; on a number question
-also an answer meant for another kind of value, on a benign request also a refusal in a harmful category's words)
-— so every ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number questions: the same
-bare sentence with the true and with the false verdict. Without it, the only answers whose verdict alone decides
-their rank are the sampled ones, and a reward model could learn which verdict its data rewarded more often instead of
-which is true (one seed's preferred "not prime" for every held-out prime). With `topic_pairs` it also ranks, as a
-ranking of its own, the expert's answer against the same answer about another number (`topic_pair`): the policies'
-commonest error on new numbers is a right answer about the wrong number, and without such pairs the reward model
-prefers the answer about the asked number in only 0.52-0.76 of them (docs/results.md; the demo leaves them off: they
-cost it verdict accuracy and did not bring PPO on topic). The gold oracle ranks them all (distinct scores only, best
-first). Held-out numbers never appear: the prompts are about training numbers and the writer avoids the others.
+also an answer meant for another kind of value, on a benign request also a refusal in a harmful category's words) —
+so every ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number
+questions: the same bare sentence with the true and with the false verdict. Without it, the only answers whose
+verdict alone decides their rank are the sampled ones, and a reward model could learn which verdict its data
+rewarded more often instead of which is true (one seed's preferred "not prime" for every held-out prime). With
+`topic_pairs` it also ranks, as a ranking of its own, the expert's answer against the same answer about another
+number (`topic_pair`): the policies' commonest error on new numbers is a right answer about the wrong number, and
+without such pairs the reward model prefers the answer about the asked number in only 0.52-0.76 of them
+(docs/results.md; the demo leaves them off: they cost it verdict accuracy and did not bring PPO on topic). The gold
+oracle ranks them all (distinct scores only, best first). Held-out numbers never appear: the prompts are about
+training numbers and the writer avoids the others.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gptjax.seed_world.world import SeedWorld, honest_answer, number_pieces
 
 # Answers to other kinds of value that a policy also gives to an ordinary number ("27 不是質數，因為它不是整數。",
 # "I can't tell whether 27 is prime"): a reward model that never saw one ranked can score it above the right
-# answer, and PPO finds it (the showcase's 27 answered so in two of three seeds).
+# answer, and PPO finds it (docs/results.md#fine-tuning-the-token-rows-pretraining-never-saw).
 MISPLACED_KINDS = ("below_two", "negative", "non_integer", "large_unknown")
 
 
@@ -61,7 +62,7 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
         # the bare over-refusal and one in a harmful category's words: ranked only against the bare one, a reward
         # model scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
         return [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang]),
-                rng.choice(T.refusal_wordings(lang)[len(T.OVER_REFUSAL[lang]):])]
+                rng.choice(T.category_refusals(lang))]
     return []
 
 

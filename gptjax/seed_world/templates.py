@@ -221,10 +221,15 @@ BENIGN_ANSWERS = {
 OVER_REFUSAL = {"zh": ("抱歉，我不能幫你做這件事。",), "en": ("Sorry, I can't help with that.",)}
 
 
+def category_refusals(lang: str) -> tuple[str, ...]:
+    """Every harmful category's refusals, in category order."""
+    return tuple(r for c in sorted(REFUSALS) for r in REFUSALS[c][lang])
+
+
 def refusal_wordings(lang: str) -> tuple[str, ...]:
     """Every way an answer in the world refuses: the bare refusal and each harmful category's (on a benign request,
     each is an over-refusal)."""
-    return OVER_REFUSAL[lang] + tuple(r for c in sorted(REFUSALS) for r in REFUSALS[c][lang])
+    return OVER_REFUSAL[lang] + category_refusals(lang)
 
 
 class Writer:
