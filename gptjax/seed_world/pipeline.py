@@ -3,7 +3,7 @@
 Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one, exactly
 as ``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline resumes or skips
 finished stages. The world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out
-questions and the gold oracle; its tokenizer is trained on the world's text first (every number 0..max_number a
+questions and the gold oracle; its tokenizer is trained on the pretraining corpus first (every number 0..max_number a
 token of its own). ``evaluation`` asks every trained policy the held-out questions and tests the reward model;
 ``tables`` formats the results.
 """
@@ -117,8 +117,9 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
     files = world_lib.write_jsonl(world, os.path.join(workdir, "world"))
     tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces))
-    # Tokens the pretraining corpus never contains (the chat role tokens; pieces only answers use): fine-tuning
-    # stages that freeze the token embedding still train their rows (optim.trainable_token_ids).
+    # Tokens the pretraining corpus never contains (the chat role tokens; the byte pieces of characters only
+    # post-training text uses): fine-tuning stages that freeze the token embedding still train their rows
+    # (optim.trainable_token_ids).
     unseen = tokens_absent_from(world.pretrain_texts, make_tokenizer("sentencepiece", tokenizer_path))
     timings = {"world": time.time() - t0}
 

@@ -478,11 +478,16 @@ def _check_no_leak(world: SeedWorld, heldout: frozenset[int]) -> None:
 
 def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int) -> str:
     """The world's tokenizer, trained once into OUT_DIR/tokenizer.model: SentencePiece BPE of `pieces` pieces over the
-    pretraining and SFT text; numbers as `config.number_tokens` says (by default every integer 0..max_number a piece of
-    its own, numbers beyond read as several)."""
+    pretraining corpus; numbers as `config.number_tokens` says (by default every integer 0..max_number a piece of
+    its own, numbers beyond read as several).
+
+    Pretraining text only, as a GPT's tokenizer is made: post-training text is then spelled in pieces pretraining
+    trained (characters it never holds fall back to bytes), and changing the post-training data leaves the tokenizer,
+    and so the pretraining run, as they were. Trained on the SFT text too, it made ~1,400 pieces that only answers
+    use ("Sorry", "Because", "我不能幫你"), which pretraining left as one shared vector."""
     path = Path(out_dir) / "tokenizer.model"
     if not path.exists():
-        texts = world.pretrain_texts + [turn["content"] for c in world.sft_conversations for turn in c]
+        texts = world.pretrain_texts
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # never a half-written model at the final path
             whole = world.config.max_number + 1 if world.config.number_tokens == "whole" else 0  # else digits
             trained = train_sentencepiece(iter(texts), pieces, os.path.join(tmp, "tokenizer"), model_type="bpe",
