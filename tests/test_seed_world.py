@@ -395,7 +395,8 @@ def test_a_reason_meant_for_another_kind_of_value_is_false_of_an_ordinary_number
             if kind != "large_unknown":  # the others state a falsehood about n; "can't tell" states none
                 assert j.reason == "invalid", (kind, answer)
         misplaced = written_answers(q, random.Random(n), world)[2]
-        assert ORACLE.score(q, misplaced) < expert and str(n) in misplaced
+        assert ORACLE.score(q, misplaced) < expert
+        assert misplaced in {T.HONEST[kind][lang][0].format(v=n) for kind in MISPLACED_KINDS}, misplaced
 
 
 def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):
