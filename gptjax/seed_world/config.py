@@ -59,14 +59,14 @@ class SeedWorldConfig:
     """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""
 
     # --- SFT
-    num_sft_demos: int = 640
+    num_sft_demos: int = 1280
     """Single-turn demonstrations to "is n prime?" (plus the other kinds below and `num_dialogues`)."""
-    num_special_demos: int = 256
-    num_harmful_demos: int = 128
-    num_benign_demos: int = 96
+    num_special_demos: int = 512
+    num_harmful_demos: int = 256
+    num_benign_demos: int = 192
     num_sft_eval_demos: int = 128
     """Demonstrations (same distribution, training numbers) for the SFT validation loss."""
-    num_dialogues: int = 192
+    num_dialogues: int = 384
     dialogue_questions: int = 4
     """Most user questions in one dialogue (>= 2)."""
     max_dialogue_tokens: int = 512
