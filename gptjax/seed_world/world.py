@@ -481,17 +481,17 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int) -> str:
     pretraining corpus; numbers as `config.number_tokens` says (by default every integer 0..max_number a piece of
     its own, numbers beyond read as several).
 
-    Pretraining text only, as a GPT's tokenizer is made: post-training text is then spelled in pieces pretraining
-    trained (characters it never holds fall back to bytes), and changing the post-training data leaves the tokenizer,
-    and so the pretraining run, as they were. Trained on the SFT text too, it made ~1,400 pieces that only answers
-    use ("Sorry", "Because", "我不能幫你"), which pretraining left as one shared vector."""
+    Pretraining text only, as a GPT's tokenizer is made: changing the post-training data leaves the tokenizer, and so
+    the pretraining run, as they were. Post-training text is spelled in its pieces; characters the corpus never holds
+    fall back to bytes, and some words come out as BPE's intermediate pieces, which the corpus always spells merged
+    ("orry" of "Sorry"): those rows, like the bytes', pretraining never trains (fine-tuning does:
+    optim.trainable_token_ids)."""
     path = Path(out_dir) / "tokenizer.model"
     if not path.exists():
-        texts = world.pretrain_texts
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # never a half-written model at the final path
             whole = world.config.max_number + 1 if world.config.number_tokens == "whole" else 0  # else digits
-            trained = train_sentencepiece(iter(texts), pieces, os.path.join(tmp, "tokenizer"), model_type="bpe",
-                                          whole_numbers=whole)
+            trained = train_sentencepiece(iter(world.pretrain_texts), pieces, os.path.join(tmp, "tokenizer"),
+                                          model_type="bpe", whole_numbers=whole)
             os.replace(trained, path)
     return str(path)
 
