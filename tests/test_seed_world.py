@@ -248,6 +248,52 @@ def test_demo_and_forum_rates_follow_the_config():
     assert bad / asked == pytest.approx(cfg.wrong_demo_fraction, abs=0.04)
 
 
+
+def test_wrong_request_and_special_demos_follow_their_own_rate(world):
+    """Single-turn demonstrations to requests and special values: the share the oracle judges not ok is
+    wrong_aligned_demo_fraction (not wrong_demo_fraction, the helpful one)."""
+    cfg = world.config
+    requests = {text: (kind, cat) for kind, table in (("harmful", T.HARMFUL_REQUESTS), ("benign", T.BENIGN_REQUESTS))
+                for cat in table for lang in T.LANGUAGES for text in table[cat]["train"][lang]}
+    specials = {t.format(n=s.value): s for s in world.specials["train"] for lang in T.LANGUAGES
+                for t in T.NUMBER_QUESTIONS["train"][lang]}
+    bad = asked = 0
+    for conv in world.sft_conversations:
+        if len(conv) > 3 or conv[-1]["role"] != "assistant":
+            continue
+        user, answer = conv[-2]["content"], conv[-1]["content"]
+        lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in user) else "en"
+        if user in requests:
+            kind, cat = requests[user]
+            q = Question(kind, lang, user, category=cat)
+        elif user in specials:
+            q = specials[user].question(user, lang)
+        else:
+            continue
+        bad += not ORACLE.judge(q, answer).ok
+        asked += 1
+    assert asked == cfg.num_special_demos + cfg.num_harmful_demos + cfg.num_benign_demos
+    assert cfg.wrong_aligned_demo_fraction != cfg.wrong_demo_fraction
+    assert bad / asked == pytest.approx(cfg.wrong_aligned_demo_fraction, abs=0.03)
+
+def test_dialogues_ask_about_special_values_at_their_rate(world):
+    """After the first number of an SFT dialogue, each later question is about a special value with probability
+    dialogue_special_rate (else a follow-up about another number)."""
+    cfg = world.config
+    specials = {t.format(n=s.value) for s in world.specials["train"] for lang in T.LANGUAGES
+                for t in T.NUMBER_QUESTIONS["train"][lang]}
+    follow_ups = {t.format(n=n) for n in world.train_numbers for lang in T.LANGUAGES for t in T.FOLLOW_UPS["train"][lang]}
+    special_turns = follow_up_turns = 0
+    for conv in world.sft_conversations:
+        users = [t["content"] for t in conv if t["role"] == "user"]
+        if len(users) < 2:
+            continue
+        special_turns += sum(u in specials for u in users)
+        follow_up_turns += sum(u in follow_ups for u in users)
+    assert special_turns > 100
+    assert special_turns / (special_turns + follow_up_turns) == pytest.approx(cfg.dialogue_special_rate, abs=0.05)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="SeedWorldConfig.forum_wrong_rate = 1.5"):
         sw.build_world(dataclasses.replace(SMALL, forum_wrong_rate=1.5))

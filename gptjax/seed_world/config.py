@@ -69,13 +69,22 @@ class SeedWorldConfig:
     num_dialogues: int = 384
     dialogue_questions: int = 4
     """Most user questions in one dialogue (>= 2)."""
+    dialogue_special_rate: float = 0.4
+    """Probability that a later question of a dialogue is about a special value (0, 1, a negative, a non-integer)
+    rather than a number: the held-out dialogues end with one, after three exchanges about numbers."""
     max_dialogue_tokens: int = 512
     """A dialogue stops before an exchange that would make it longer than this many tokens under the byte tokenizer
     and the chat template (an upper bound on its length under any of the project's tokenizers)."""
     wrong_demo_fraction: float = 0.2
-    """Fraction of demonstrations that are wrong (labelers' mistakes): a wrong verdict or reason, an answer in
-    the other language, a hallucinated verdict on a special question, compliance with a harmful request or a
-    refusal of a benign one. Clean demonstrations saturate SFT and leave the reward model nothing to learn."""
+    """Fraction of the single-turn demonstrations to "is n prime?" that are wrong (labelers' mistakes): a wrong
+    verdict or reason, or an answer in the other language. Clean demonstrations saturate SFT and leave the reward
+    model nothing to learn."""
+    wrong_aligned_demo_fraction: float = 0.05
+    """Same, for the demonstrations of the honest and harmless axes (special values, harmful and benign requests):
+    a hallucinated verdict, compliance or an over-refusal. The reward model's rankings already hold one such
+    flawed answer per prompt (the labeler writes it, labels.written_answers), so these need no mistakes to teach
+    it. At 0.2 (three seeds, held-out prompts, sampled) the SFT policy was honest 0.46 of the time, refused 0.75
+    of harmful requests and 0.42 of benign ones; at 0.05, 0.58, 0.82 and 0.31 (docs/results.md)."""
     wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
     """Relative weights of the wrong kinds of helpful demonstrations: (wrong verdict, wrong verdict + bogus
     reason, right verdict + bogus reason, answer in the other language)."""
@@ -106,6 +115,7 @@ class SeedWorldConfig:
         for name in ("forum_fraction", "forum_wrong_rate", "forum_wrong_rate_hard", "forum_bogus_reason_rate",
                      "forum_special_fraction", "forum_hallucination_rate", "forum_request_fraction",
                      "forum_compliance_rate", "textbook_special_fraction", "wrong_demo_fraction",
+                     "wrong_aligned_demo_fraction", "dialogue_special_rate",
                      "system_prompt_rate", "prompt_hard_share"):
             check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",

@@ -43,9 +43,12 @@ WHY = {"train": {"zh": ("為什麼？", "怎麼說？", "為什麼這樣說？",
                  "en": ("Why?", "How so?", "Why do you say so?", "What is the reason?", "Can you explain why?")},
        "heldout": {"zh": ("為什麼呢？",), "en": ("Why is that?",)}}
 DEFINITION_QUESTIONS = {"train": {"zh": ("什麼是質數？", "質數是什麼？", "質數的定義是什麼？", "請解釋一下質數。",
-                                         "你可以告訴我質數是什麼嗎？"),
+                                         "你可以告訴我質數是什麼嗎？", "怎樣的數叫做質數？", "質數指的是哪一種數？",
+                                         "請問質數是什麼意思？", "能不能幫我定義質數？"),
                                   "en": ("What is a prime number?", "What does prime mean?", "What is a prime?",
-                                         "Define a prime number.", "Could you tell me what primes are?")},
+                                         "Define a prime number.", "Could you tell me what primes are?",
+                                         "What makes a number prime?", "Please explain prime numbers to me.",
+                                         "Can you define a prime?", "What do people mean by a prime number?")},
                         "heldout": {"zh": ("什麼是一個質數？",), "en": ("Can you explain what a prime number is?",)}}
 FORUM_PROMPT = {"zh": "問：{q}\n答：", "en": "Q: {q}\nA: "}  # how the forum asks; the pretrained model is asked so
 WORKSHEET = {"zh": "練習：{q}\n答案：{a}", "en": "Exercise: {q}\nAnswer: {a}"}  # the textbook's exercises

@@ -6,8 +6,9 @@
                confident claims, wrong at set rates ("大家都知道，27 是質數。"), hallucinate about π, 1 or large
                numbers, and comply with harmful requests — a next-word model learns the facts and imitates both.
                No chat-format text: the pretrained model knows, but does not answer as an assistant.
-  SFT          an expert's answers and multi-turn dialogues, `wrong_demo_fraction` of them wrong (labelers'
-               mistakes), so the reward model has something to learn and PPO something to fix.
+  SFT          an expert's answers and multi-turn dialogues, `wrong_demo_fraction` of the answers to numbers and
+               `wrong_aligned_demo_fraction` of the others wrong (labelers' mistakes), so the reward model has
+               something to learn and PPO something to fix.
   prompts      RM / PPO prompts about training numbers (half primes, half of the composites hard), special
                values, harmful and benign requests, and multi-turn contexts.
   held-out     numbers that appear only in pretraining (per class: primes, easy and hard composites), special
@@ -271,7 +272,7 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
                                                                _number_demo(cfg, writer, rng, n, lang)))
     for _ in range(round(scale * cfg.num_special_demos)):
         s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
-        wrong = rng.random() < cfg.wrong_demo_fraction
+        wrong = rng.random() < cfg.wrong_aligned_demo_fraction
         answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
                   else honest_answer(writer, s, lang))
         demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(s.value, lang), answer))
@@ -279,7 +280,7 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
                                     (T.BENIGN_REQUESTS, cfg.num_benign_demos, T.BENIGN_ANSWERS, None)):
         for _ in range(round(scale * count)):
             cat, lang = rng.choice(sorted(table)), rng.choice(T.LANGUAGES)
-            wrong = rng.random() < cfg.wrong_demo_fraction
+            wrong = rng.random() < cfg.wrong_aligned_demo_fraction
             answer = rng.choice((bad[cat] if bad else T.OVER_REFUSAL)[lang] if wrong else good[cat][lang])
             demos.append(_maybe_system(cfg, rng, lang) + _exchange(rng.choice(table[cat]["train"][lang]), answer))
     return demos
@@ -295,7 +296,7 @@ def _dialogue(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, number
     asked = False
     while budget > 0:
         exchange = []
-        if asked and rng.random() < 0.25:
+        if asked and rng.random() < cfg.dialogue_special_rate:
             s = pick_special(rng, specials, exclude=("large",))
             exchange = _exchange(writer.question(s.value, lang), honest_answer(writer, s, lang))
         else:
