@@ -132,6 +132,9 @@ def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     # at this budget its verdict pairs got worse (verdict-only 1.00 -> 0.88 on held-out primes) and PPO's sampled
     # answers were not more often on topic (0.236 -> 0.227 off topic; balanced 0.731 -> 0.722). Off in the demo.
     c.labels.topic_pairs = False
+    # With special_pairs, also, as a ranking of its own, the honest answer to a special value against the expert's
+    # answer about one of its integer pieces ("4662" -> "46 不是質數…", "-27" -> "27 不是質數…", labels.topic_pair).
+    c.labels.special_pairs = True
     c.labels.eval_fraction = 0.1  # share of rankings held out for the RM's pairwise accuracy
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # answer budget when asking the held-out questions

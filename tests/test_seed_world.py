@@ -402,6 +402,19 @@ def test_labelers_topic_pair_differs_only_in_the_subject_and_is_ranked_right(wor
         assert ORACLE.judge(q, honest).ok and not ORACLE.judge(q, piece).on_topic
         assert ORACLE.score(q, honest) > ORACLE.score(q, piece)
         assert {int(x) for x in re.findall(r"[0-9]+", piece)} & pieces
+    others = [q for q in world.rm_prompts if q.kind == "special" and q.special != "large"]
+    paired = 0
+    for q in others:
+        pair = topic_pair(q, rng, world)
+        pieces = {int(x) for x in re.findall(r"[0-9]+", q.value)} - {0, 1} - heldout
+        assert bool(pair) == bool(pieces), (q.value, pair)
+        if pair:
+            honest, piece = pair
+            assert ORACLE.judge(q, honest).ok and not ORACLE.judge(q, piece).ok, (q.value, piece)
+            assert ORACLE.score(q, honest) > ORACLE.score(q, piece)
+            assert re.findall(r"[0-9]+", piece)[0] in {str(p) for p in pieces}, (q.value, piece)
+            paired += 1
+    assert paired >= len(others) // 2  # negatives and decimals of training numbers; not 0, 1, π
     assert all(topic_pair(q, rng, world) == [] for q in world.rm_prompts if q.kind in ("harmful", "benign"))
 
 
@@ -443,6 +456,22 @@ def test_a_reason_meant_for_another_kind_of_value_is_false_of_an_ordinary_number
         misplaced = written_answers(q, random.Random(n), world)[2]
         assert ORACLE.score(q, misplaced) < expert
         assert misplaced in {T.HONEST[kind][lang][0].format(v=n) for kind in MISPLACED_KINDS}, misplaced
+
+
+def test_harmful_rankings_hold_compliance_and_a_benign_answer_below_the_refusal(world):
+    """On a harmful request the labelers write the refusal, compliance and a benign category's answer; the gold
+    labeler ranks them refusal > the harmless non-answer > compliance (three distinct score levels)."""
+    from gptjax.seed_world.labels import written_answers
+    benign = {lang: {a for cat in T.BENIGN_ANSWERS for a in T.BENIGN_ANSWERS[cat][lang]} for lang in T.LANGUAGES}
+    for cat in sorted(T.HARMFUL_REQUESTS):
+        for lang in T.LANGUAGES:
+            q = Question("harmful", lang, T.HARMFUL_REQUESTS[cat]["train"][lang][0], category=cat)
+            answers = written_answers(q, random.Random(cat), world)
+            refusal, compliance, other = answers
+            assert refusal in T.REFUSALS[cat][lang] and compliance in T.COMPLIANCE[cat][lang] and other in benign[lang]
+            assert ORACLE.rank(q, answers) == [0, 2, 1]
+            assert ORACLE.score(q, refusal) > ORACLE.score(q, other) > ORACLE.score(q, compliance)
+            assert not ORACLE.judge(q, other).ok
 
 
 def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):

@@ -3,7 +3,8 @@
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
 `labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer of
 the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal; on a number question
-also an answer meant for another kind of value, on a benign request also a refusal in a harmful category's words) —
+also an answer meant for another kind of value, on a harmful request also a benign category's answer, on a benign
+request also a refusal in a harmful category's words) —
 so every ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number
 questions: the same bare sentence with the true and with the false verdict. Without it, the only answers whose
 verdict alone decides their rank are the sampled ones, and a reward model could learn which verdict its data
@@ -11,7 +12,9 @@ rewarded more often instead of which is true (one seed's preferred "not prime" f
 `topic_pairs` it also ranks, as a ranking of its own, the expert's answer against the same answer about another
 number (`topic_pair`): the policies' commonest error on new numbers is a right answer about the wrong number, and
 without such pairs the reward model prefers the answer about the asked number in only 0.52-0.76 of them
-(docs/results.md; the demo leaves them off: they cost it verdict accuracy and did not bring PPO on topic). The gold
+(docs/results.md; the demo leaves them off: they cost it verdict accuracy and did not bring PPO on topic). With
+`special_pairs` it ranks, likewise, the honest answer to a special value against the expert's answer about one of
+its integer pieces ("4662" -> "46 不是質數…", "-27" -> "27 不是質數…"), the policies' commonest error there. The gold
 oracle ranks them all (distinct scores only, best first). Held-out numbers never appear: the prompts are about
 training numbers and the writer avoids the others.
 """
@@ -28,7 +31,7 @@ from absl import logging
 from gptjax.seed_world import templates as T
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.seed_world.labeler import Question
-from gptjax.seed_world.numbers import same_verdict_other
+from gptjax.seed_world.numbers import numbers_in, same_verdict_other
 from gptjax.seed_world.world import SeedWorld, honest_answer, number_pieces
 
 
@@ -57,7 +60,12 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
         return [honest_answer(writer, special, lang),
                 writer.pick(T.HALLUCINATED[lang], v=q.value, b=rng.choice((3, 7)))]
     if q.kind == "harmful":
-        return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang])]
+        # and a benign category's answer: the policies' commonest failure on a request phrased as none they were
+        # shown ("怎麼偷看老師電腦裡的考卷密碼？" -> the lottery answer). Harmless, but not a refusal: it ranks between
+        # the refusal and compliance. Without it, a reward model that never saw one ranked scored it like a
+        # refusal, and a stronger PPO learned to answer harmful requests so.
+        return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang]),
+                rng.choice(T.BENIGN_ANSWERS[rng.choice(sorted(T.BENIGN_ANSWERS))][lang])]
     if q.kind == "benign":
         # the bare over-refusal and one in a harmful category's words: ranked only against the bare one, a reward
         # model scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
@@ -68,16 +76,18 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
 
 def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
     """[the expert's answer to `q`, the same answer about another training number] for a number question (a number
-    of the same class: only the subject differs), [the honest answer, the expert's answer about one of its
-    in-range pieces] for a number beyond the world's range ("4662" read as "46" "62"); empty for other kinds."""
+    of the same class: only the subject differs); for a special value with an integer piece in range (2 and up, not
+    held out), [the honest answer, the expert's answer about that piece]: "4662" read as "46" "62", 27 of "-27",
+    12 of "12.5", 139 of "139/8" — what the policies answer about such values; empty otherwise."""
     heldout = frozenset(world.heldout_numbers)
     writer = T.Writer(rng, heldout)
     if q.kind == "number":
         other = same_verdict_other(q.number, world.train_numbers, rng)
         return list(writer.twin_experts(q.number, other, q.language))
-    if q.kind == "special" and q.special == "large":
-        pieces = [int(p) for p in number_pieces(q.value, world.config.max_number)]
-        pieces = [p for p in pieces if p >= 2 and p not in heldout]
+    if q.kind == "special":
+        whole = number_pieces(q.value, world.config.max_number) if q.special == "large" else numbers_in(q.value)
+        pieces = [p for p in sorted(int(x) for x in whole)
+                  if 2 <= p <= world.config.max_number and p not in heldout]
         if pieces:
             special = next(s for s in world.specials["train"] if s.value == q.value)
             return [honest_answer(writer, special, q.language), writer.expert(rng.choice(pieces), q.language)]
@@ -86,7 +96,7 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
 
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
                    written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False,
-                   topic_pairs: bool = False) -> dict[str, str]:
+                   topic_pairs: bool = False, special_pairs: bool = False) -> dict[str, str]:
     """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
     questions: Sequence[Question] = world.rm_prompts
     samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
@@ -97,7 +107,8 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
         record = world.oracle.ranking_record(q, answers, max_ranked=9)
         if record is not None:
             records.append(record)
-        pair = topic_pair(q, rng, world) if topic_pairs else []
+        paired = topic_pairs if q.kind == "number" else special_pairs
+        pair = topic_pair(q, rng, world) if paired else []
         if pair and (record := world.oracle.ranking_record(q, pair)) is not None:
             records.append(record)
     n_eval = max(1, int(round(eval_fraction * len(records))))

@@ -138,7 +138,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
                                             written=bool(cfg.labels.written),
                                             eval_fraction=float(cfg.labels.eval_fraction), seed=int(cfg.seed),
                                             verdict_pair=bool(cfg.labels.verdict_pair),
-                                            topic_pairs=bool(cfg.labels.topic_pairs))
+                                            topic_pairs=bool(cfg.labels.topic_pairs),
+                                            special_pairs=bool(cfg.labels.special_pairs))
     timings["labels"] = time.time() - start
     _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths, unseen)
     _train("reward", reward_cfg, workdir, timings)
