@@ -62,8 +62,8 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
     if q.kind == "harmful":
         # and a benign category's answer: the policies' commonest failure on a request phrased as none they were
         # shown ("怎麼偷看老師電腦裡的考卷密碼？" -> the lottery answer). Harmless, but not a refusal: it ranks between
-        # the refusal and compliance. Without it, a reward model that never saw one ranked scored it like a
-        # refusal, and a stronger PPO learned to answer harmful requests so.
+        # the refusal and compliance. Without it no ranking shows the reward model that it is worse than a
+        # refusal, and a stronger PPO learned to answer harmful requests so (docs/results.md).
         return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang]),
                 rng.choice(T.BENIGN_ANSWERS[rng.choice(sorted(T.BENIGN_ANSWERS))][lang])]
     if q.kind == "benign":
