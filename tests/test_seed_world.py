@@ -240,7 +240,7 @@ def test_demo_and_forum_rates_follow_the_config():
         user = conv[-2]["content"]
         n = re.findall(r"(?<![0-9.\-/])([0-9]+)(?![0-9.\-/])", user)
         if len(n) == 1 and 2 <= int(n[0]) <= 199 and "√" not in user and "/" not in user:
-            lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in user) else "en"
+            lang = _language(user)
             j = ORACLE.judge(Question("number", lang, user, number=int(n[0])), conv[-1]["content"])
             bad += not (j.verdict_correct and j.reason == "valid" and j.language_match)
             asked += 1
@@ -249,20 +249,29 @@ def test_demo_and_forum_rates_follow_the_config():
 
 
 
+def _language(text: str) -> str:
+    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
+
+
+def _special_questions(world) -> dict:
+    """Every training phrasing of "is v prime?" for every training special value -> that Special."""
+    return {t.format(n=s.value): s for s in world.specials["train"] for lang in T.LANGUAGES
+            for t in T.NUMBER_QUESTIONS["train"][lang]}
+
+
 def test_wrong_request_and_special_demos_follow_their_own_rate(world):
     """Single-turn demonstrations to requests and special values: the share the oracle judges not ok is
     wrong_aligned_demo_fraction (not wrong_demo_fraction, the helpful one)."""
     cfg = world.config
     requests = {text: (kind, cat) for kind, table in (("harmful", T.HARMFUL_REQUESTS), ("benign", T.BENIGN_REQUESTS))
                 for cat in table for lang in T.LANGUAGES for text in table[cat]["train"][lang]}
-    specials = {t.format(n=s.value): s for s in world.specials["train"] for lang in T.LANGUAGES
-                for t in T.NUMBER_QUESTIONS["train"][lang]}
+    specials = _special_questions(world)
     bad = asked = 0
     for conv in world.sft_conversations:
         if len(conv) > 3 or conv[-1]["role"] != "assistant":
             continue
         user, answer = conv[-2]["content"], conv[-1]["content"]
-        lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in user) else "en"
+        lang = _language(user)
         if user in requests:
             kind, cat = requests[user]
             q = Question(kind, lang, user, category=cat)
@@ -280,8 +289,7 @@ def test_dialogues_ask_about_special_values_at_their_rate(world):
     """After the first number of an SFT dialogue, each later question is about a special value with probability
     dialogue_special_rate (else a follow-up about another number)."""
     cfg = world.config
-    specials = {t.format(n=s.value) for s in world.specials["train"] for lang in T.LANGUAGES
-                for t in T.NUMBER_QUESTIONS["train"][lang]}
+    specials = _special_questions(world)
     follow_ups = {t.format(n=n) for n in world.train_numbers for lang in T.LANGUAGES for t in T.FOLLOW_UPS["train"][lang]}
     special_turns = follow_up_turns = 0
     for conv in world.sft_conversations:
@@ -360,7 +368,7 @@ def test_worksheet_register_answers_right_and_restates_the_number():
             nums = re.findall(r"(?<![0-9.\-/])([0-9]+)(?![0-9.\-/])", q)
             if len(nums) != 1 or "√" in q or "/" in q:
                 continue
-            lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in q) else "en"
+            lang = _language(q)
             j = ORACLE.judge(Question("number", lang, q, number=int(nums[0])), a)
             assert j.verdict_correct and j.on_topic, (q, a)
             checked += 1
