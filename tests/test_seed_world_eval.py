@@ -210,3 +210,32 @@ def test_dialogue_table_by_hand():
     assert table["turns_ok"] == pytest.approx((1.0 + 1 / 3) / 2)
     assert table["turns_ok_se"] == pytest.approx(np.std([1.0, 1 / 3], ddof=1) / np.sqrt(2))
     assert (table["turn0"], table["turn1"], table["turn2"]) == (0.5, 0.5, 1.0)
+
+
+def test_prompt_bucket_powers_of_two_capped():
+    assert [E.prompt_bucket(n, cap=216) for n in (1, 16, 17, 33, 64, 65, 129, 216)] == [16, 16, 32, 64, 64, 128,
+                                                                                           216, 216]
+    with pytest.raises(ValueError, match="no room"):
+        E.prompt_bucket(217, cap=216)
+
+
+def test_repeated_answers_in_one_call_match_separate_asks():
+    """Greedy: each repetition of a one-call ask equals a separate ask of the same questions (the padded prompt
+    length and the batch's other rows change nothing); sampled: the repetitions are different draws, and each
+    repetition's rollouts are its own rows."""
+    tok = make_tokenizer("bytes")
+    model = GPT(GPTConfig(vocab_size=384, max_len=128, num_layers=1, d_model=32, num_heads=2))
+    params = model.init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"]
+    stage = E.StageModel("sft", model, params, True)
+    questions = [Question("number", "en", f"Is {n} prime?", number=n) for n in (3, 27, 91)]
+    evaluator = E.StageEvaluator(tok, max_new_tokens=12, seed=0, batch_size=4)
+    alone = evaluator.ask(stage, questions, 0.0)
+    repeated = evaluator.ask_repeatedly(stage, questions, 0.0, times=3)
+    assert len(repeated) == 3
+    for answers in repeated:
+        assert answers.texts == alone.texts
+        np.testing.assert_array_equal(answers.rollouts.finished_B, alone.rollouts.finished_B)
+    sampled = evaluator.ask_repeatedly(stage, questions, 1.0, times=2)
+    assert sampled[0].texts != sampled[1].texts
+    for answers in sampled:
+        assert [tok.decode(answers.rollouts.response_ids(i)).strip() for i in range(3)] == answers.texts

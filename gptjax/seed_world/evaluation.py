@@ -29,7 +29,20 @@ from gptjax.seed_world.numbers import CLASSES, is_prime, last_digit_rule, number
 from gptjax.stages.reward import pairwise_accuracy, reward_scores
 from gptjax.stages.rollouts import RolloutEngine, Rollouts, response_logprobs
 
-PROMPT_MULTIPLE = 16  # prompts are padded to a multiple of this: a few compiled shapes, not one per length
+SMALLEST_PROMPT = 16  # prompts are padded to 16, 32, 64, … tokens: a few compiled shapes, not one per length
+
+
+def prompt_bucket(longest: int, cap: int) -> int:
+    """The padded prompt length for a set whose longest prompt has ``longest`` tokens: the smallest power-of-two
+    multiple of SMALLEST_PROMPT that holds it, at most ``cap`` (the room the context leaves before the answer).
+    Dialogues grow by one exchange a turn; padded to a multiple of 16 they compiled a new sampler for every
+    turn and stage (72 compilations, 44 s of the demo's 157 s evaluation)."""
+    if longest > cap:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room for the answer (at most {cap})")
+    bucket = SMALLEST_PROMPT
+    while bucket < longest:
+        bucket *= 2
+    return min(bucket, cap)
 
 
 @dataclasses.dataclass
@@ -49,14 +62,15 @@ class Answers:
 
 
 class StageEvaluator:
-    """Asks a policy questions in fixed-size batches (one compiled program per model and temperature)."""
+    """Asks a policy questions in fixed-size batches. Compiled programs are shared by every policy of the same
+    architecture (the pretrained, SFT and PPO models differ only in their parameters)."""
 
     def __init__(self, tokenizer, *, max_new_tokens: int, seed: int, batch_size: int = 128):
         self.tokenizer, self.max_new_tokens, self.seed, self.batch_size = tokenizer, max_new_tokens, seed, batch_size
         self._engines: dict = {}
 
     def engine(self, model, temperature: float) -> RolloutEngine:
-        key = (id(model), temperature)
+        key = (model, temperature)  # flax modules compare (and hash) by their fields
         if key not in self._engines:
             tok = self.tokenizer
             self._engines[key] = RolloutEngine(model, sampling.SamplingConfig(
@@ -73,8 +87,9 @@ class StageEvaluator:
 
     def generate_ids(self, stage: StageModel, prompts: Sequence[list[int]], temperature: float,
                      salt: int = 0) -> Answers:
-        rollouts = self.engine(stage.model, temperature).generate(stage.params, prompts, self.seed + 7919 * salt,
-                                                                 prompt_multiple=PROMPT_MULTIPLE)
+        cap = stage.model.cfg.max_len - self.max_new_tokens
+        rollouts = self.engine(stage.model, temperature).generate(
+            stage.params, prompts, self.seed + 7919 * salt, prompt_len=prompt_bucket(max(map(len, prompts)), cap))
         texts = []
         for i in range(len(prompts)):
             text = self.tokenizer.decode(rollouts.response_ids(i))
@@ -86,6 +101,14 @@ class StageEvaluator:
     def ask(self, stage: StageModel, questions: Sequence[Question], temperature: float, salt: int = 0) -> Answers:
         return self.generate_ids(stage, [self.prompt_ids(q.conversation, q.language, stage.chat_format)
                                          for q in questions], temperature, salt)
+
+    def ask_repeatedly(self, stage: StageModel, questions: Sequence[Question], temperature: float,
+                       times: int, salt: int = 0) -> list[Answers]:
+        """``times`` independent answers to every question, sampled in one call (full batches: asked one set at a
+        time, a set of 46 questions filled 46 of 128 rows); returns one Answers per repetition."""
+        both = self.ask(stage, [q for _ in range(times) for q in questions], temperature, salt)
+        n = len(questions)
+        return [Answers(both.texts[i * n:(i + 1) * n], both.rollouts.rows(i * n, (i + 1) * n)) for i in range(times)]
 
     def dialogue(self, stage: StageModel, dialogues, temperature: float, salt: int = 0):
         """Plays each dialogue turn by turn, the model's own answers becoming the context; returns, per dialogue,
@@ -397,7 +420,7 @@ def reward_by_kind(score: Callable, questions: Sequence[Question], texts: Sequen
 # --- everything about one policy / the reward model ---------------------------------------------------------------
 
 def _judged(evaluator: StageEvaluator, stage: StageModel, questions, oracle, temperature: float, salts):
-    answers = [evaluator.ask(stage, questions, temperature, salt) for salt in salts]
+    answers = evaluator.ask_repeatedly(stage, questions, temperature, len(salts), salts[0])
     judged = [[oracle.judge(q, a.texts[i]) for a in answers] for i, q in enumerate(questions)]
     return answers, judged
 

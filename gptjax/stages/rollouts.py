@@ -37,6 +37,10 @@ class Rollouts:
     def response_ids(self, i: int) -> list[int]:
         return self.tokens_BT[i][self.response_mask_BT[i]].tolist()
 
+    def rows(self, start: int, stop: int) -> "Rollouts":
+        """Rows ``start:stop`` (one of several prompt sets sampled in one call)."""
+        return Rollouts(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
+
 
 def response_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: float = 1.0,
                       vocab_size: int | None = None):
@@ -66,10 +70,15 @@ class RolloutEngine:
                                                    temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
                                                    vocab_size=cfg.vocab_size))
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int, *, prompt_multiple: int = 1) -> Rollouts:
+    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int, *, prompt_multiple: int = 1,
+                 prompt_len: int | None = None) -> Rollouts:
         """One response per prompt; prompts are left-padded to the longest (rounded up to ``prompt_multiple``, so
-        prompt sets of similar lengths share one compiled program), batches padded to ``batch_size``."""
-        P, B = -(-max(len(p) for p in prompts) // prompt_multiple) * prompt_multiple, self.batch_size
+        prompt sets of similar lengths share one compiled program) or to exactly ``prompt_len``; batches padded to
+        ``batch_size``."""
+        longest = max(len(p) for p in prompts)
+        if prompt_len is not None and prompt_len < longest:
+            raise ValueError(f"prompt_len={prompt_len} is shorter than the longest prompt ({longest} tokens)")
+        P, B = prompt_len or -(-longest // prompt_multiple) * prompt_multiple, self.batch_size
         parts = []
         for start in range(0, len(prompts), B):
             chunk = [list(p) for p in prompts[start:start + B]]
