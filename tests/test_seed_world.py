@@ -259,12 +259,38 @@ def _special_questions(world) -> dict:
             for t in T.NUMBER_QUESTIONS["train"][lang]}
 
 
+def test_composed_requests_share_frames_across_kinds_and_miss_the_heldout_phrasings(world):
+    """Written-text requests, harmful and benign, are composed from the same frames (the frame says nothing about
+    harm); no composed phrasing is a held-out one; with composed_requests the SFT demonstrations and the RM/PPO
+    prompts use the composed phrasings, without it only the listed ones."""
+    for harmful, benign in (("scam", "message"), ("insult", "encourage"), ("password", "password")):
+        for lang in T.LANGUAGES:
+            assert T.COMPOSED_REQUESTS["harmful"][harmful][lang][0] == T.COMPOSED_REQUESTS["benign"][benign][lang][0]
+    composed, listed = set(), set()
+    for kind, table in T.REQUESTS.items():
+        for cat in table:
+            for lang in T.LANGUAGES:
+                train = T.request_phrasings(kind, cat, "train", lang, True)
+                assert len(train) == len(set(train)) == len(table[cat]["train"][lang]) + 16
+                assert not set(train) & set(table[cat]["heldout"][lang])
+                assert T.request_phrasings(kind, cat, "heldout", lang, True) == table[cat]["heldout"][lang]
+                composed |= set(train) - set(table[cat]["train"][lang])
+                listed |= set(table[cat]["train"][lang])
+    assert world.config.composed_requests
+    asked = {conv[-2]["content"] for conv in world.sft_conversations if len(conv) <= 3} | {
+        q.text for q in world.rm_prompts + world.ppo_prompts if q.kind in ("harmful", "benign")}
+    assert len(asked & composed) > 0.5 * len(composed)
+    smaller = sw.build_world(dataclasses.replace(world.config, composed_requests=False, num_pretrain_docs=200))
+    requests = {q.text for q in smaller.rm_prompts + smaller.ppo_prompts if q.kind in ("harmful", "benign")}
+    assert requests and requests <= listed
+
+
 def test_wrong_request_and_special_demos_follow_their_own_rate(world):
     """Single-turn demonstrations to requests and special values: the share the oracle judges not ok is
     wrong_aligned_demo_fraction (not wrong_demo_fraction, the helpful one)."""
     cfg = world.config
-    requests = {text: (kind, cat) for kind, table in (("harmful", T.HARMFUL_REQUESTS), ("benign", T.BENIGN_REQUESTS))
-                for cat in table for lang in T.LANGUAGES for text in table[cat]["train"][lang]}
+    requests = {text: (kind, cat) for kind in T.REQUESTS for cat in T.REQUESTS[kind] for lang in T.LANGUAGES
+                for text in T.request_phrasings(kind, cat, "train", lang, cfg.composed_requests)}
     specials = _special_questions(world)
     bad = asked = 0
     for conv in world.sft_conversations:

@@ -54,6 +54,9 @@ class SeedWorldConfig:
     forum_request_fraction: float = 0.15
     """Share of forum threads that are requests: harmful ones answered compliantly `forum_compliance_rate` of the
     time, benign ones answered."""
+    composed_requests: bool = True
+    """Training request phrasings: the four listed per category and language, and with this every frame + purpose
+    of templates.COMPOSED_REQUESTS (16 more). Held-out phrasings are the listed ones either way."""
     forum_compliance_rate: float = 0.9
     textbook_special_fraction: float = 0.05
     """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""

@@ -171,9 +171,9 @@ def _forum(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, specials)
     r = rng.random()
     if r < cfg.forum_request_fraction:
         harmful = rng.random() < 0.6
-        table = T.HARMFUL_REQUESTS if harmful else T.BENIGN_REQUESTS
-        cat = rng.choice(sorted(table))
-        request = rng.choice(table[cat][rng.choice(T.SPLITS)][lang])
+        kind = "harmful" if harmful else "benign"
+        cat = rng.choice(sorted(T.REQUESTS[kind]))
+        request = rng.choice(T.request_phrasings(kind, cat, rng.choice(T.SPLITS), lang, cfg.composed_requests))
         if harmful:
             answer = rng.choice(T.COMPLIANCE[cat][lang] if rng.random() < cfg.forum_compliance_rate
                                 else T.REFUSALS[cat][lang])
@@ -276,13 +276,14 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
         answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
                   else honest_answer(writer, s, lang))
         demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(s.value, lang), answer))
-    for table, count, good, bad in ((T.HARMFUL_REQUESTS, cfg.num_harmful_demos, T.REFUSALS, T.COMPLIANCE),
-                                    (T.BENIGN_REQUESTS, cfg.num_benign_demos, T.BENIGN_ANSWERS, None)):
+    for kind, count, good, bad in (("harmful", cfg.num_harmful_demos, T.REFUSALS, T.COMPLIANCE),
+                                   ("benign", cfg.num_benign_demos, T.BENIGN_ANSWERS, None)):
         for _ in range(round(scale * count)):
-            cat, lang = rng.choice(sorted(table)), rng.choice(T.LANGUAGES)
+            cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
             wrong = rng.random() < cfg.wrong_aligned_demo_fraction
             answer = rng.choice((bad[cat] if bad else T.OVER_REFUSAL)[lang] if wrong else good[cat][lang])
-            demos.append(_maybe_system(cfg, rng, lang) + _exchange(rng.choice(table[cat]["train"][lang]), answer))
+            request = rng.choice(T.request_phrasings(kind, cat, "train", lang, cfg.composed_requests))
+            demos.append(_maybe_system(cfg, rng, lang) + _exchange(request, answer))
     return demos
 
 
@@ -370,10 +371,11 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
     for _ in range(counts[1]):
         s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
         out.append(s.question(writer.question(s.value, lang), lang))
-    for kind, table, k in (("harmful", T.HARMFUL_REQUESTS, counts[2]), ("benign", T.BENIGN_REQUESTS, counts[3])):
+    for kind, k in (("harmful", counts[2]), ("benign", counts[3])):
         for _ in range(k):
-            cat, lang = rng.choice(sorted(table)), rng.choice(T.LANGUAGES)
-            out.append(Question(kind, lang, rng.choice(table[cat]["train"][lang]), category=cat))
+            cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
+            request = rng.choice(T.request_phrasings(kind, cat, "train", lang, cfg.composed_requests))
+            out.append(Question(kind, lang, request, category=cat))
     out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES)) for _ in range(counts[4])]
     rng.shuffle(out)
     return out
