@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.model import XENT_BACKWARDS, lm_logits
+from gptjax.matmuls import lm_logits
+from gptjax.model import XENT_BACKWARDS
 
 Array = jax.Array
 
@@ -97,8 +98,9 @@ def chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, *, chunk: int, dty
 
     ``chunk`` positions are projected at a time (T need not be a multiple; the remainder is one more chunk).
     Each chunk's projection + statistics runs under ``jax.checkpoint``, so only (B, chunk, V) logits are ever
-    live, in the backward as well as the forward. ``dtype`` is the matmul compute dtype (the model's
-    ``cfg.dtype``; default: the hidden states' dtype); logits are accumulated in float32 as ``GPT.logits`` does.
+    live, in the backward as well as the forward. ``dtype`` is the matmul operand dtype
+    (``model.matmul_operand_dtype(cfg)``; default: the hidden states' dtype); logits are accumulated in float32 as
+    ``GPT.logits`` does.
     """
     if chunk <= 0:
         raise ValueError(f"chunked_token_stats: chunk must be a positive number of positions, got {chunk}")

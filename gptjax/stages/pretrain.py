@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from gptjax import flops, losses, sharding
 from gptjax.data import batches
 from gptjax.data.pipeline import make_lm_iterator
-from gptjax.model import GPT
+from gptjax.model import GPT, matmul_operand_dtype
 from gptjax.stages import common, registry
 from gptjax.train import loop
 
@@ -48,7 +48,7 @@ def token_stats_of(params, tokens_BT, targets_BT, *, model: GPT, positions_BT=No
         hidden_BTD, embedding_VD = model.apply(variables, tokens_BT, positions_BT, segment_ids_BT, deterministic,
                                                rngs=rngs, method=_hidden_and_embedding)
         return losses.chunked_token_stats(hidden_BTD, embedding_VD, targets_BT, chunk=loss_chunk,
-                                          dtype=jnp.dtype(model.cfg.dtype), temperature=temperature,
+                                          dtype=matmul_operand_dtype(model.cfg), temperature=temperature,
                                           with_entropy=with_entropy, backward=model.cfg.xent_backward)
     logits_BTV, _ = model.apply(variables, tokens_BT, positions_BT, segment_ids_BT, deterministic=deterministic,
                                 rngs=rngs)

@@ -55,6 +55,8 @@ def describe(cfg: GPTConfig, preset: str) -> str:
     text = f"{preset} {cfg.num_layers}L d{cfg.d_model}"
     if cfg.dtype != "float32":
         text += f" {'bf16' if cfg.dtype == 'bfloat16' else cfg.dtype}"
+    if cfg.matmul_dtype:
+        text += f" matmul:{'bf16' if cfg.matmul_dtype == 'bfloat16' else cfg.matmul_dtype}"
     if cfg.remat != "none":
         text += f" remat:{cfg.remat}"
     return text
