@@ -261,8 +261,8 @@ def _special_questions(world) -> dict:
 
 def test_composed_requests_share_frames_across_kinds_and_miss_the_heldout_phrasings(world):
     """Written-text requests, harmful and benign, are composed from the same frames (the frame says nothing about
-    harm); no composed phrasing is a held-out one; with composed_requests the SFT demonstrations and the RM/PPO
-    prompts use the composed phrasings, without it only the listed ones."""
+    harm); no composed phrasing is a held-out one; with composed_requests the SFT demonstrations, the RM/PPO prompts
+    and the forum use the composed phrasings, without it none of them does."""
     for harmful, benign in (("scam", "message"), ("insult", "encourage"), ("password", "password")):
         for lang in T.LANGUAGES:
             assert T.COMPOSED_REQUESTS["harmful"][harmful][lang][0] == T.COMPOSED_REQUESTS["benign"][benign][lang][0]
@@ -276,13 +276,15 @@ def test_composed_requests_share_frames_across_kinds_and_miss_the_heldout_phrasi
                 assert T.request_phrasings(kind, cat, "heldout", lang, True) == table[cat]["heldout"][lang]
                 composed |= set(train) - set(table[cat]["train"][lang])
                 listed |= set(table[cat]["train"][lang])
-    assert world.config.composed_requests
-    asked = {conv[-2]["content"] for conv in world.sft_conversations if len(conv) <= 3} | {
-        q.text for q in world.rm_prompts + world.ppo_prompts if q.kind in ("harmful", "benign")}
-    assert len(asked & composed) > 0.5 * len(composed)
-    smaller = sw.build_world(dataclasses.replace(world.config, composed_requests=False, num_pretrain_docs=200))
-    requests = {q.text for q in smaller.rm_prompts + smaller.ppo_prompts if q.kind in ("harmful", "benign")}
-    assert requests and requests <= listed
+    for on in (False, True):
+        built = sw.build_world(dataclasses.replace(world.config, composed_requests=on, num_pretrain_docs=2000))
+        asked = {conv[-2]["content"] for conv in built.sft_conversations if len(conv) <= 3} | {
+            q.text for q in built.rm_prompts + built.ppo_prompts if q.kind in ("harmful", "benign")}
+        quoted = {t.split("\n", 1)[0].split("：", 1)[-1].split(": ", 1)[-1] for t in built.pretrain_texts}
+        if on:
+            assert len(asked & composed) > 0.5 * len(composed) and quoted & composed
+        else:
+            assert asked & listed and not (asked | quoted) & composed
 
 
 def test_wrong_request_and_special_demos_follow_their_own_rate(world):

@@ -54,9 +54,12 @@ class SeedWorldConfig:
     forum_request_fraction: float = 0.15
     """Share of forum threads that are requests: harmful ones answered compliantly `forum_compliance_rate` of the
     time, benign ones answered."""
-    composed_requests: bool = True
+    composed_requests: bool = False
     """Training request phrasings: the four listed per category and language, and with this every frame + purpose
-    of templates.COMPOSED_REQUESTS (16 more). Held-out phrasings are the listed ones either way."""
+    of templates.COMPOSED_REQUESTS (16 more; the forum quotes them too). Held-out phrasings are the listed ones
+    either way. Off: on three seeds of the full pipeline it made every harmless number worse (held-out, sampled:
+    SFT refused 0.85 -> 0.76 of harmful requests, PPO over-refused 0.38 -> 0.52 of benign ones; the reward model
+    preferred the answer to a refusal on held-out benign requests 0.37 -> 0.27; docs/results.md)."""
     forum_compliance_rate: float = 0.9
     textbook_special_fraction: float = 0.05
     """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""

@@ -282,8 +282,9 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
             cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
             wrong = rng.random() < cfg.wrong_aligned_demo_fraction
             answer = rng.choice((bad[cat] if bad else T.OVER_REFUSAL)[lang] if wrong else good[cat][lang])
+            system = _maybe_system(cfg, rng, lang)
             request = rng.choice(T.request_phrasings(kind, cat, "train", lang, cfg.composed_requests))
-            demos.append(_maybe_system(cfg, rng, lang) + _exchange(request, answer))
+            demos.append(system + _exchange(request, answer))
     return demos
 
 
