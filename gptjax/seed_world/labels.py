@@ -99,7 +99,7 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
                    topic_pairs: bool = False, special_pairs: bool = False) -> dict[str, str]:
     """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
     questions: Sequence[Question] = world.rm_prompts
-    samples = [a.texts for a in evaluator.ask_repeatedly(policy, questions, 1.0, k, salt=100)]
+    samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
     rng = random.Random(f"seed-world/{seed}/labels")
     records = []
     for qi, q in enumerate(questions):
