@@ -205,8 +205,9 @@ def test_ppo_run_holds_its_policy_and_the_chat_session_matches_the_sampler(smoke
 
 def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
     """Sampled metrics: each number's accuracy is the mean over S independently sampled answers to each of its
-    questions (salts 2..S+1: salt 1 belongs to the KL samples), and a class's accuracy the mean over its numbers;
-    recomputed here from the evaluator's raw answers, the pipeline's results.json is reproduced."""
+    questions (S repetitions drawn in one call with salt 2: salt 1 belongs to the KL samples), and a class's
+    accuracy the mean over its numbers; recomputed here from the evaluator's raw answers, the pipeline's
+    results.json is reproduced."""
     workdir, cfg, results = smoke
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
     model, params, tokenizer, _ = registry.load_policy(os.path.join(workdir, "sft"))
@@ -214,7 +215,7 @@ def test_sampled_gold_metrics_average_independent_answer_sets(smoke):
     stage = evaluation.StageModel("sft", model, params, True)
     questions = world.heldout_questions
     S = int(cfg.eval.sampled_answers_per_question)
-    sets = [evaluator.ask(stage, questions, 1.0, salt).texts for salt in range(2, S + 2)]
+    sets = [answers.texts for answers in evaluator.ask_repeatedly(stage, questions, 1.0, S, salt=2)]
     assert len({tuple(t) for t in sets}) > 1, "the answer sets should differ"
     per_number: dict[int, list[float]] = {}
     for i, q in enumerate(questions):
