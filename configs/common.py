@@ -34,7 +34,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16 | float16 (logits/loss stay float32)
     m.param_dtype = placeholder(str)  # parameter / optimizer master-copy dtype
     # bfloat16: a float32 model's projections and LM head take bfloat16 operands, accumulating in float32
-    # (GPTConfig.matmul_dtype: ~17% faster steps on a CPU with bfloat16 matrix units); None = the compute dtype.
+    # (GPTConfig.matmul_dtype: ~15% faster steps on a CPU with bfloat16 matrix units); None = the compute dtype.
     m.matmul_dtype = placeholder(str)
     # Weights cast to this dtype under their own sharding before use, so FSDP all-gathers move it (e.g. bfloat16:
     # half the bytes of float32 parameters); None = cast after the gather (GPTConfig.gather_dtype).
