@@ -70,15 +70,14 @@ class RolloutEngine:
                                                    temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
                                                    vocab_size=cfg.vocab_size))
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int, *, prompt_multiple: int = 1,
+    def generate(self, params, prompts: Sequence[Sequence[int]], seed: int, *,
                  prompt_len: int | None = None) -> Rollouts:
-        """One response per prompt; prompts are left-padded to the longest (rounded up to ``prompt_multiple``, so
-        prompt sets of similar lengths share one compiled program) or to exactly ``prompt_len``; batches padded to
-        ``batch_size``."""
+        """One response per prompt; prompts are left-padded to the longest, or to exactly ``prompt_len`` (so prompt
+        sets of similar lengths share one compiled program); batches padded to ``batch_size``."""
         longest = max(len(p) for p in prompts)
         if prompt_len is not None and prompt_len < longest:
             raise ValueError(f"prompt_len={prompt_len} is shorter than the longest prompt ({longest} tokens)")
-        P, B = prompt_len or -(-longest // prompt_multiple) * prompt_multiple, self.batch_size
+        P, B = prompt_len or longest, self.batch_size
         parts = []
         for start in range(0, len(prompts), B):
             chunk = [list(p) for p in prompts[start:start + B]]
