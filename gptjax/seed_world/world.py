@@ -400,7 +400,7 @@ def _train_eval_numbers(cfg: SeedWorldConfig, train: Sequence[int], rng: random.
 
 def _heldout_requests(rng: random.Random) -> list[Question]:
     return [Question(kind, lang, text, category=cat)
-            for kind, table in (("harmful", T.HARMFUL_REQUESTS), ("benign", T.BENIGN_REQUESTS))
+            for kind, table in T.REQUESTS.items()
             for cat in sorted(table) for lang in T.LANGUAGES for text in table[cat]["heldout"][lang]]
 
 
