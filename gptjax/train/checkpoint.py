@@ -36,6 +36,7 @@ import json
 import logging as pylogging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -304,26 +305,49 @@ _ABANDONED_READS = _AbandonedReadsFilter()
 pylogging.getLogger("asyncio").addFilter(_ABANDONED_READS)
 
 
+def _is_abandoned_read(unraisable) -> bool:
+    """An unraisable report left by a failed restore's other reads: a read coroutine never awaited, or a read that
+    finished after orbax closed its event loop (tensorstore's completion callback calls the closed loop's
+    ``call_soon_threadsafe`` and reports the RuntimeError as unraisable, with no object)."""
+    if "coroutine" in repr(unraisable.object):
+        return True
+    return (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+            and any(frame.f_code.co_name == "call_soon_threadsafe"
+                    for frame, _ in traceback.walk_tb(unraisable.exc_traceback)))
+
+
+class _AbandonedReadsHook:
+    """``sys.unraisablehook`` while a checkpoint is read, and for the rest of the process once a read failed: the
+    failed restore's other reads keep completing on tensorstore's threads after the restore returned."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        if not _is_abandoned_read(unraisable):
+            self.previous(unraisable)
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads(directory):
-    """Reads of checkpoint ``directory``: when they fail, the other read coroutines are left unawaited (Python
-    would print each as an "Exception ignored" traceback when it is collected) and their futures unretrieved
-    (asyncio would log each, maybe long after). Both are dropped; the failure itself is raised once."""
+    """Reads of checkpoint ``directory``: when they fail, the other reads are abandoned: their coroutines are left
+    unawaited, their futures unretrieved (asyncio would log each, maybe long after) and the ones still in flight
+    complete onto a closed event loop. Those reports are dropped; the failure itself is raised once."""
     previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if "coroutine" not in repr(unraisable.object):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    installed = isinstance(previous, _AbandonedReadsHook)
+    if not installed:
+        sys.unraisablehook = _AbandonedReadsHook(previous)
+    failed = False
     try:
         yield
     except Exception:
+        failed = True
         _ABANDONED_READS.directories.add(str(directory))
         raise
     finally:
         gc.collect()
-        sys.unraisablehook = previous
+        if not installed and not failed:
+            sys.unraisablehook = previous
 
 
 def finished_steps(workdir: str) -> list[int]:
