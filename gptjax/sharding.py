@@ -136,6 +136,29 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def row_mesh(mesh: Mesh | None, batch: int) -> Mesh | None:
+    """``mesh`` when its data axes hold several devices and they divide ``batch`` (rows worth splitting over them),
+    else None. Inference (sampling, scoring) on a mesh whose devices would otherwise each repeat the whole batch."""
+    if mesh is None or data_parallel_size(mesh) == 1 or batch % data_parallel_size(mesh):
+        return None
+    return mesh
+
+
+def split_rows(mesh: Mesh | None, *rows):
+    """Each array's leading (batch) dimension over ``mesh``'s data axes; unchanged without a mesh."""
+    if mesh is None:
+        return rows
+    return tuple(jax.device_put(x, batch_sharding(mesh, np.ndim(x))) for x in rows)
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a tree's arrays are placed on (its first leaf's NamedSharding), None for host or single-device
+    arrays."""
+    leaves = jax.tree.leaves(tree)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh, field: str = "batch_size") -> None:
     n = data_parallel_size(mesh)
     if global_batch % n:

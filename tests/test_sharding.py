@@ -268,6 +268,34 @@ def test_rollout_greedy_tokens_identical_and_sharded(mesh_shape):
     assert split, "rollout arrays were gathered instead of staying batch-sharded"
 
 
+@needs_8
+def test_inference_rows_split_over_the_mesh_match_one_device():
+    """Sampling (RolloutEngine with a mesh) and reward scoring (parameters replicated on a mesh) split each batch's
+    rows over the 8 devices: the same greedy tokens, sampled tokens, log-probs and scores as on one device."""
+    from gptjax.stages import rollouts as rollouts_lib
+    from gptjax.stages.reward import reward_scores
+    x, mesh = _inputs(), _mesh((8, 1, 1))
+    assert sharding.row_mesh(mesh, 16) is mesh and sharding.row_mesh(mesh, 12) is None
+    assert sharding.row_mesh(_mesh((1, 1, 8)), 16) is None  # tensor-only: no data axes to split rows over
+    prompts = [list(range(3 + i % 4, 9 + i % 5)) for i in range(20)]  # 20 rows: a full batch of 16, then 4
+    for temperature in (0.0, 1.0):
+        cfg = SamplingConfig(max_new_tokens=NEW, temperature=temperature, eos_id=1, pad_id=0, vocab_size=256)
+        one = rollouts_lib.RolloutEngine(POLICY, cfg, batch_size=16).generate(x["gpt"], prompts, seed=3)
+        split_engine = rollouts_lib.RolloutEngine(POLICY, cfg, batch_size=16, mesh=mesh)
+        assert split_engine.mesh is mesh
+        split = split_engine.generate(x["gpt"], prompts, seed=3)
+        np.testing.assert_array_equal(split.tokens_BT, one.tokens_BT)
+        np.testing.assert_allclose(split.sampler_logprobs_BN, one.sampler_logprobs_BN, atol=TOL)
+        np.testing.assert_allclose(split_engine.sequence_logprobs(x["gpt"], split),
+                                   rollouts_lib.RolloutEngine(POLICY, cfg, batch_size=16).sequence_logprobs(
+                                       x["gpt"], one), atol=1e-4)
+    tokens, valid = np.asarray(x["rollout"]["tokens"]), np.asarray(x["rollout"]["valid"])
+    placed = jax.device_put(x["score"], sharding.replicated(mesh))
+    assert sharding.mesh_of(placed) is mesh and sharding.mesh_of(x["score"]) is None
+    np.testing.assert_allclose(reward_scores(SCORER, placed, tokens, valid),
+                               reward_scores(SCORER, x["score"], tokens, valid), atol=TOL)
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_lm_grads(mesh_shape, gather_dtype):
     """(loss, grads) of the LM loss in bfloat16 compute, weights cast after (None) or before the gather."""
@@ -528,3 +556,30 @@ def test_forced_and_explicit_initialisation(init_calls):
     with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.initialize("10.0.0.1:1234", 2, 2)
     assert len(init_calls) == 2
+
+
+def _devices_after_split(count: int, xla_flags: str | None, use_jax_first: bool = False) -> str:
+    """A fresh interpreter's JAX CPU device count after ``cli.split_host_cpu(count)`` (or its one-line error)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    code = ("import jax; jax.numpy.zeros(1).block_until_ready()\n" if use_jax_first else "") + (
+        "from gptjax import cli, errors\n"
+        f"try:\n    print(cli.split_host_cpu({count}), end=' ')\n"
+        "except errors.ConfigError as e:\n    print('error:', e); raise SystemExit\n"
+        "import jax; print(jax.device_count())")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_split_host_cpu_sets_the_cpu_device_count_unless_forced():
+    assert _devices_after_split(2, None) == "2 2"
+    assert _devices_after_split(0, None) == "0 1"  # 0: JAX's default
+    assert _devices_after_split(2, "--xla_force_host_platform_device_count=8") == "0 8"  # the tests' count wins
+    late = _devices_after_split(2, None, use_jax_first=True)
+    assert late.startswith("error: cpu_devices=2: JAX's backends have already started"), late

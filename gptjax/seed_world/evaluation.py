@@ -65,8 +65,10 @@ class StageEvaluator:
     """Asks a policy questions in fixed-size batches. Compiled programs are shared by every policy of the same
     architecture (the pretrained, SFT and PPO models differ only in their parameters)."""
 
-    def __init__(self, tokenizer, *, max_new_tokens: int, seed: int, batch_size: int = 128):
+    def __init__(self, tokenizer, *, max_new_tokens: int, seed: int, batch_size: int = 128, mesh=None):
+        """``mesh``: split each batch's rows over its data axes (RolloutEngine); None samples on one device."""
         self.tokenizer, self.max_new_tokens, self.seed, self.batch_size = tokenizer, max_new_tokens, seed, batch_size
+        self.mesh = mesh
         self._engines: dict = {}
 
     def engine(self, model, temperature: float) -> RolloutEngine:
@@ -75,7 +77,7 @@ class StageEvaluator:
             tok = self.tokenizer
             self._engines[key] = RolloutEngine(model, sampling.SamplingConfig(
                 max_new_tokens=self.max_new_tokens, temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                vocab_size=tok.vocab_size), batch_size=self.batch_size)
+                vocab_size=tok.vocab_size), batch_size=self.batch_size, mesh=self.mesh)
         return self._engines[key]
 
     def prompt_ids(self, conversation: list[dict], language: str, chat_format: bool) -> list[int]:

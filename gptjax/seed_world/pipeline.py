@@ -128,7 +128,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     _train("sft", sft_cfg, workdir, timings)
     pretrained, tokenizer = _policy("pretrain", workdir)
     sft, _ = _policy("sft", workdir)
-    evaluator = StageEvaluator(tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed))
+    evaluator = StageEvaluator(tokenizer, max_new_tokens=int(cfg.eval.max_new_tokens), seed=int(cfg.seed),
+                               mesh=sharding.make_mesh((-1, 1, 1)))
 
     start = time.time()
     label_dir = os.path.join(workdir, "labels")

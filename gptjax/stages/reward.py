@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import flops, paths
+from gptjax import flops, paths, sharding
 from gptjax.data import batches, chat, post_training
 from gptjax.errors import ConfigError
 from gptjax.model import ScoreModel
@@ -141,17 +141,21 @@ def _reward_fn(model: ScoreModel):
 
 def reward_scores(model: ScoreModel, params, tokens_NT: np.ndarray, valid_NT: np.ndarray,
                   batch_size: int = 64) -> np.ndarray:
-    """Reward of every row (read at its last valid token), in fixed-size batches (one compiled shape)."""
+    """Reward of every row (read at its last valid token), in fixed-size batches (one compiled shape). Parameters
+    placed on a mesh (replicated over its data axes) score each batch's rows split over those devices."""
     fn = _reward_fn(model)
     n = len(tokens_NT)
-    B = min(batch_size, n)
+    mesh = sharding.mesh_of(params)
+    split = sharding.data_parallel_size(mesh) if mesh is not None else 1
+    B = -(-min(batch_size, n) // split) * split  # a few rows fewer than a batch: rounded up to fill every device
+    mesh = sharding.row_mesh(mesh, B)
     out = []
     for start in range(0, n, B):
         t, v = tokens_NT[start:start + B], valid_NT[start:start + B]
         k = len(t)
         if k < B:  # pad the last batch by repeating its last row: one compiled shape
             t, v = np.concatenate([t, np.repeat(t[-1:], B - k, 0)]), np.concatenate([v, np.repeat(v[-1:], B - k, 0)])
-        out.append(np.asarray(fn(params, t, v))[:k])
+        out.append(np.asarray(fn(params, *sharding.split_rows(mesh, t, v)))[:k])
     return np.concatenate(out)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import sampling
+from gptjax import sharding as sharding_lib
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 from gptjax.model import GPT
@@ -61,10 +62,15 @@ def response_logprobs(params, tokens_BT, valid_BT, *, model: GPT, temperature: f
 
 
 class RolloutEngine:
-    """Samples responses from a GPT policy and scores their log-probs; its jitted programs are built once."""
+    """Samples responses from a GPT policy and scores their log-probs; its jitted programs are built once.
 
-    def __init__(self, model: GPT, cfg: sampling.SamplingConfig, batch_size: int = 64):
+    With a ``mesh`` whose data axes hold several devices (and divide ``batch_size``), each batch's rows are split
+    over them and the parameters replicated: on several XLA CPU devices this runs the devices' shares in parallel
+    instead of every device repeating the whole batch."""
+
+    def __init__(self, model: GPT, cfg: sampling.SamplingConfig, batch_size: int = 64, mesh=None):
         self.model, self.cfg, self.batch_size = model, cfg, batch_size
+        self.mesh = sharding_lib.row_mesh(mesh, batch_size)
         self._sample = sampling.make_sampler(model, cfg)
         self._logprobs = jax.jit(functools.partial(response_logprobs, model=model,
                                                    temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
@@ -85,7 +91,8 @@ class RolloutEngine:
             chunk += [chunk[-1]] * (B - n)  # one compiled shape
             tokens_BP, valid_BP = sampling.left_pad(chunk, self.cfg.pad_id, length=P)
             key = jax.random.fold_in(jax.random.key(seed), start)
-            out = jax.device_get(self._sample(params, tokens_BP, valid_BP, key))
+            rows = sharding_lib.split_rows(self.mesh, tokens_BP, valid_BP)
+            out = jax.device_get(self._sample(self._replicated(params), *rows, key))
             parts.append((np.concatenate([tokens_BP, np.asarray(out.tokens_BN)], 1)[:n],
                           np.concatenate([valid_BP, np.asarray(out.mask_BN)], 1)[:n],
                           np.concatenate([np.zeros_like(valid_BP), np.asarray(out.mask_BN)], 1)[:n],
@@ -102,9 +109,16 @@ class RolloutEngine:
             k = len(t)
             if k < B:
                 t, v, m = (np.concatenate([x, np.repeat(x[-1:], B - k, 0)]) for x in (t, v, m))
-            logp_BT = np.asarray(self._logprobs(params, t, v))
+            rows = sharding_lib.split_rows(self.mesh, t, v)
+            logp_BT = np.asarray(self._logprobs(self._replicated(params), *rows))
             out.append(np.sum(np.where(m, logp_BT, 0.0), axis=1)[:k])
         return np.concatenate(out)
+
+    def _replicated(self, params):
+        """Parameters on every device of the mesh (once: already placed ones stay)."""
+        if self.mesh is None:
+            return params
+        return jax.device_put(params, sharding_lib.replicated(self.mesh))
 
     def kl(self, params, ref_params, rollouts: Rollouts) -> np.ndarray:
         """Per-row Σ_t log π − log π_ref over the response: its mean estimates KL(π ‖ π_ref) in nats when the
