@@ -182,10 +182,6 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown chatgpt config {preset!r}; choose 'demo' or 'smoke'")
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds the world, every stage's init/data order and the evaluation samples
-    # XLA:CPU devices the host is split into (cli.split_host_cpu; no effect on GPU/TPU): every stage and the
-    # evaluation split their batches over them, which on the 2-core CPU the demo is timed on runs both cores
-    # where one device mostly ran one. Every batch size below must divide by it; 0 keeps JAX's one CPU device.
-    c.cpu_devices = 2
     c.world = _world()  # every SeedWorldConfig field (gptjax/seed_world/config.py documents them)
     c.pretrain = _pretrain_config()
     c.sft = _sft_config()

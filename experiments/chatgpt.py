@@ -27,7 +27,6 @@ def main(argv):
     del argv
     metrics_lib.quiet_library_logs()
     cfg = _CONFIG.value
-    cli.split_host_cpu(int(cfg.get("cpu_devices", 0)))
     seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [int(cfg.seed)]
     all_results, reports = [], []
     for seed in seeds:

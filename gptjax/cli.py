@@ -214,25 +214,6 @@ def _accelerator_plugins() -> bool:
     return bool(metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("jax_plugins") is not None
 
 
-def split_host_cpu(num_devices: int) -> int:
-    """Run JAX's CPU backend as ``num_devices`` devices (``jax_num_cpu_devices``), so that a program whose batch is
-    split over them runs the shares in parallel: for a small model XLA:CPU leaves most of a step (its fusions, the
-    sampler's token loop) on one thread per device, so one device uses one core of several. Affects only the CPU
-    backend (an accelerator, when present, stays the default). Does nothing for ``num_devices`` <= 0 or when
-    XLA_FLAGS already forces a device count (the tests' 8). Call before JAX runs anything; returns the count set
-    (0 when it left JAX's default)."""
-    if num_devices <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return 0
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", int(num_devices))
-    except RuntimeError as e:  # backends already started (JAX used in this process before)
-        raise errors.ConfigError(f"cpu_devices={num_devices}: JAX's backends have already started in this "
-                                 f"process ({e}); set it before the first JAX operation, or set it to 0") from None
-    return int(num_devices)
-
-
 def pin_cpu_without_accelerator() -> bool:
     """Set JAX_PLATFORMS=cpu when this machine has no TPU chip, no NVIDIA GPU and no accelerator plugin.
 

@@ -557,29 +557,3 @@ def test_forced_and_explicit_initialisation(init_calls):
         distributed.initialize("10.0.0.1:1234", 2, 2)
     assert len(init_calls) == 2
 
-
-def _devices_after_split(count: int, xla_flags: str | None, use_jax_first: bool = False) -> str:
-    """A fresh interpreter's JAX CPU device count after ``cli.split_host_cpu(count)`` (or its one-line error)."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    if xla_flags is not None:
-        env["XLA_FLAGS"] = xla_flags
-    code = ("import jax; jax.numpy.zeros(1).block_until_ready()\n" if use_jax_first else "") + (
-        "from gptjax import cli, errors\n"
-        f"try:\n    print(cli.split_host_cpu({count}), end=' ')\n"
-        "except errors.ConfigError as e:\n    print('error:', e); raise SystemExit\n"
-        "import jax; print(jax.device_count())")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
-
-
-def test_split_host_cpu_sets_the_cpu_device_count_unless_forced():
-    assert _devices_after_split(2, None) == "2 2"
-    assert _devices_after_split(0, None) == "0 1"  # 0: JAX's default
-    assert _devices_after_split(2, "--xla_force_host_platform_device_count=8") == "0 8"  # the tests' count wins
-    late = _devices_after_split(2, None, use_jax_first=True)
-    assert late.startswith("error: cpu_devices=2: JAX's backends have already started"), late
