@@ -38,9 +38,6 @@ def _pretrain_config() -> ml_collections.ConfigDict:
     p.data.val_fraction = 0.01
     _model(p, 4, 128, 4, 256)
     p.model.scan_layers = False  # 4 layers: unrolled runs ~25% faster on XLA:CPU and compiles in seconds
-    # bf16 matmul operands, float32 accumulation and everything else float32: ~12% faster steps on a CPU with
-    # bfloat16 matrix units (docs/results.md#cpu). Every later stage inherits it with the model (from_init).
-    p.model.matmul_dtype = "bfloat16"
     p.train.seq_len = 128
     p.train.batch_size = 32
     # 1,200 steps (4.9M tokens): copying the asked number into the answer is learned late. After 600 steps the
