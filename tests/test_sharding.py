@@ -556,4 +556,3 @@ def test_forced_and_explicit_initialisation(init_calls):
     with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.initialize("10.0.0.1:1234", 2, 2)
     assert len(init_calls) == 2
-

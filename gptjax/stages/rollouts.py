@@ -84,7 +84,7 @@ class RolloutEngine:
         if prompt_len is not None and prompt_len < longest:
             raise ValueError(f"prompt_len={prompt_len} is shorter than the longest prompt ({longest} tokens)")
         P, B = prompt_len or longest, self.batch_size
-        parts = []
+        params, parts = self._replicated(params), []
         for start in range(0, len(prompts), B):
             chunk = [list(p) for p in prompts[start:start + B]]
             n = len(chunk)
@@ -92,7 +92,7 @@ class RolloutEngine:
             tokens_BP, valid_BP = sampling.left_pad(chunk, self.cfg.pad_id, length=P)
             key = jax.random.fold_in(jax.random.key(seed), start)
             rows = sharding_lib.split_rows(self.mesh, tokens_BP, valid_BP)
-            out = jax.device_get(self._sample(self._replicated(params), *rows, key))
+            out = jax.device_get(self._sample(params, *rows, key))
             parts.append((np.concatenate([tokens_BP, np.asarray(out.tokens_BN)], 1)[:n],
                           np.concatenate([valid_BP, np.asarray(out.mask_BN)], 1)[:n],
                           np.concatenate([np.zeros_like(valid_BP), np.asarray(out.mask_BN)], 1)[:n],
@@ -103,6 +103,7 @@ class RolloutEngine:
         """Σ over each row's response tokens of log π(token | prefix), by a full forward pass. (B,)"""
         out, B = [], self.batch_size
         n = len(rollouts.tokens_BT)
+        params = self._replicated(params)
         for start in range(0, n, B):
             t, v = rollouts.tokens_BT[start:start + B], rollouts.valid_BT[start:start + B]
             m = rollouts.response_mask_BT[start:start + B]
@@ -110,12 +111,12 @@ class RolloutEngine:
             if k < B:
                 t, v, m = (np.concatenate([x, np.repeat(x[-1:], B - k, 0)]) for x in (t, v, m))
             rows = sharding_lib.split_rows(self.mesh, t, v)
-            logp_BT = np.asarray(self._logprobs(self._replicated(params), *rows))
+            logp_BT = np.asarray(self._logprobs(params, *rows))
             out.append(np.sum(np.where(m, logp_BT, 0.0), axis=1)[:k])
         return np.concatenate(out)
 
     def _replicated(self, params):
-        """Parameters on every device of the mesh (once: already placed ones stay)."""
+        """Parameters on every device of the mesh, once per call (host arrays are copied; placed ones stay)."""
         if self.mesh is None:
             return params
         return jax.device_put(params, sharding_lib.replicated(self.mesh))
