@@ -530,3 +530,30 @@ def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):
     assert len(pairs) == len(benign) * (1 + len(T.REFUSALS))
     for q in benign:
         assert {p[2] for p in pairs if p[0] is q} == wordings[q.language]
+
+
+@pytest.mark.parametrize("kind", ["benign", "harmful", "special"])
+def test_every_written_flaw_reaches_a_ranking_below_the_expert(world, kind):
+    """A ranking keeps one answer per gold score, so written flaws that tie (the bare over-refusal and a harmful
+    category's refusal on a benign request; a written flaw equal in score to a sampled one) would be dropped; each
+    dropped one gets a ranking of its own against the expert's answer, and nothing else does."""
+    from gptjax.seed_world.labels import tied_written_pairs, written_answers
+    questions = [q for q in world.rm_prompts if q.kind == kind][:12]
+    assert questions
+    for i, q in enumerate(questions):
+        written = written_answers(q, random.Random(i), world)
+        # A sampled answer equal in score to the last written flaw, in other words, makes that flaw tie too.
+        sampled = written[-1] + (" " if kind != "harmful" else "!")
+        record = ORACLE.ranking_record(q, [sampled, *written])
+        pairs = tied_written_pairs(ORACLE, q, written, record)
+        ranked = [record["responses"], *(p["responses"] for p in pairs)]
+        for flaw in written[1:]:
+            holders = [r for r in ranked if flaw in r]
+            assert holders, (q.text, flaw)
+            assert all(r.index(flaw) > r.index(written[0]) for r in holders if written[0] in r)
+        for p in pairs:  # exactly the dropped ones, each against the expert's answer
+            assert p["responses"][0] == written[0] and p["responses"][1] not in record["responses"]
+        assert ORACLE.score(q, written[0]) > max(ORACLE.score(q, f) for f in written[1:])
+        if kind == "benign":  # the two refusals always tie: one of them is in a ranking of its own
+            assert len(pairs) >= 1
+    assert tied_written_pairs(ORACLE, questions[0], [], None) == []

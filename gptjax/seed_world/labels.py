@@ -15,7 +15,8 @@ without such pairs the reward model prefers the answer about the asked number in
 (docs/results.md; the demo leaves them off: they cost it verdict accuracy and did not bring PPO on topic). With
 `special_pairs` it ranks, likewise, the honest answer to a special value against the expert's answer about one of
 its integer pieces ("4662" -> "46 不是質數…", "-27" -> "27 不是質數…"), the policies' commonest error there. The gold
-oracle ranks them all (distinct scores only, best first). Held-out numbers never appear: the prompts are about
+oracle ranks them all (distinct scores only, best first); a written flaw that ties with an answer ranked before it
+gets a ranking of its own against the expert's answer (`tied_written_pairs`). Held-out numbers never appear: the prompts are about
 training numbers and the writer avoids the others.
 """
 
@@ -74,6 +75,23 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
     return []
 
 
+def tied_written_pairs(oracle, q: Question, written: Sequence[str], record: dict | None) -> list[dict]:
+    """Rankings of their own for written answers that `record` dropped: a ranking keeps one answer per gold score
+    level, so a written flaw that ties with an answer ranked before it (on a benign request the bare over-refusal
+    and the one in a harmful category's words always tie) never reached the reward model. Each is ranked against
+    the expert's answer (written[0]). Without them 46 of 53 benign rankings of one seed held no refusal in a harmful
+    category's words, and the reward model scored "Sorry, I can't help write a message that deceives people…" above
+    the answer to every benign training request."""
+    if not written or q.kind not in ("benign", "harmful", "special"):
+        return []  # number questions: their written answers are measured as they are (docs/seed_world.md)
+    kept = set(record["responses"]) if record else set()
+    out = []
+    for answer in written[1:]:
+        if answer not in kept and answer != written[0] and (pair := oracle.ranking_record(q, [written[0], answer])):
+            out.append(pair)
+    return out
+
+
 def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
     """[the expert's answer to `q`, the same answer about another training number] for a number question (a number
     of the same class: only the subject differs); for a special value with an integer piece in range (2 and up, not
@@ -103,10 +121,12 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
     rng = random.Random(f"seed-world/{seed}/labels")
     records = []
     for qi, q in enumerate(questions):
-        answers = [samples[i][qi] for i in range(k)] + (written_answers(q, rng, world, verdict_pair) if written else [])
+        labeler_written = written_answers(q, rng, world, verdict_pair) if written else []
+        answers = [samples[i][qi] for i in range(k)] + labeler_written
         record = world.oracle.ranking_record(q, answers, max_ranked=9)
         if record is not None:
             records.append(record)
+        records += tied_written_pairs(world.oracle, q, labeler_written, record)
         paired = topic_pairs if q.kind == "number" else special_pairs
         pair = topic_pair(q, rng, world) if paired else []
         if pair and (record := world.oracle.ranking_record(q, pair)) is not None:
