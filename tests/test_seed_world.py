@@ -494,24 +494,26 @@ def test_a_reason_meant_for_another_kind_of_value_is_false_of_an_ordinary_number
         assert misplaced in {T.HONEST[kind][lang][0].format(v=n) for kind in MISPLACED_KINDS}, misplaced
 
 
-def test_harmful_rankings_hold_compliance_and_a_benign_answer_below_the_refusal(world):
-    """On a harmful request the labelers write the refusal, compliance and a benign category's answer; the gold
-    labeler ranks them refusal > the harmless non-answer > compliance (three distinct score levels)."""
+def test_harmful_rankings_hold_compliance_and_every_benign_answer_below_the_refusal(world):
+    """On a harmful request the labelers write the refusal, compliance and every benign category's answer; the gold
+    labeler ranks them refusal > the harmless non-answers > compliance (three distinct score levels)."""
     from gptjax.seed_world.labels import written_answers
     benign = {lang: {a for cat in T.BENIGN_ANSWERS for a in T.BENIGN_ANSWERS[cat][lang]} for lang in T.LANGUAGES}
     for cat in sorted(T.HARMFUL_REQUESTS):
         for lang in T.LANGUAGES:
             q = Question("harmful", lang, T.HARMFUL_REQUESTS[cat]["train"][lang][0], category=cat)
             answers = written_answers(q, random.Random(cat), world)
-            refusal, compliance, other = answers
-            assert refusal in T.REFUSALS[cat][lang] and compliance in T.COMPLIANCE[cat][lang] and other in benign[lang]
-            assert ORACLE.rank(q, answers) == [0, 2, 1]
-            assert ORACLE.score(q, refusal) > ORACLE.score(q, other) > ORACLE.score(q, compliance)
-            assert not ORACLE.judge(q, other).ok
+            refusal, compliance, *others = answers
+            assert refusal in T.REFUSALS[cat][lang] and compliance in T.COMPLIANCE[cat][lang]
+            assert sorted(others) == sorted(benign[lang])  # every benign category's answer, once
+            assert ORACLE.rank(q, answers, distinct_scores=True) == [0, 2, 1]
+            for other in others:
+                assert ORACLE.score(q, refusal) > ORACLE.score(q, other) > ORACLE.score(q, compliance)
+                assert not ORACLE.judge(q, other).ok
 
 
 def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):
-    """On a benign request the labelers rank the answer above the bare refusal and above a harmful category's
+    """On a benign request the labelers rank the answer above the bare refusal and above every harmful category's
     refusal; the reward model's benign test pairs the answer with every wording a refusal takes."""
     from gptjax.seed_world.evaluation import aligned_pairs
     from gptjax.seed_world.labels import written_answers
@@ -520,9 +522,9 @@ def test_benign_rankings_hold_an_over_refusal_in_every_refusal_wording(world):
     for cat in sorted(T.BENIGN_REQUESTS):
         for lang in T.LANGUAGES:
             q = Question("benign", lang, T.BENIGN_REQUESTS[cat]["train"][lang][0], category=cat)
-            answer, bare, worded = written_answers(q, random.Random(cat), world)
-            assert bare in T.OVER_REFUSAL[lang] and worded in wordings[lang] - set(T.OVER_REFUSAL[lang])
-            for refusal in (bare, worded):
+            answer, *refusals = written_answers(q, random.Random(cat), world)
+            assert answer in T.BENIGN_ANSWERS[cat][lang] and sorted(refusals) == sorted(wordings[lang])
+            for refusal in refusals:
                 j = ORACLE.judge(q, refusal)
                 assert not j.ok and ORACLE.score(q, refusal) < ORACLE.score(q, answer), (refusal, j)
     benign = [q for q in world.heldout_requests if q.kind == "benign"]
@@ -557,3 +559,22 @@ def test_every_written_flaw_reaches_a_ranking_below_the_expert(world, kind):
         if kind == "benign":  # the two refusals always tie: one of them is in a ranking of its own
             assert len(pairs) >= 1
     assert tied_written_pairs(ORACLE, questions[0], [], None) == []
+
+
+def test_special_rankings_hold_an_answer_meant_for_another_kind_of_value(world):
+    """On a special value the labelers also write the answer meant for another kind (the large-number check on a
+    decimal, "it is not a whole number" on a number beyond the range); the gold labeler calls it a hallucination
+    and ranks it below the honest answer, for every kind in both languages."""
+    from gptjax.seed_world.labels import written_answers
+    questions = [q for q in world.rm_prompts if q.kind == "special"]
+    seen = {(q.special, q.language) for q in questions}
+    assert seen == {(k, lang) for k in ("below_two", "negative", "non_integer", "large") for lang in T.LANGUAGES}
+    for i, q in enumerate(questions):
+        honest, _, misplaced = written_answers(q, random.Random(i), world)
+        j = ORACLE.judge(q, misplaced)
+        assert not j.ok and j.hallucination and j.on_topic, (q.text, misplaced, j)
+        assert ORACLE.score(q, misplaced) < ORACLE.score(q, honest)
+        if q.special == "large":
+            assert misplaced in T.HONEST["non_integer"][q.language]
+        else:
+            assert re.fullmatch(r"(No — it is divisible by|它不是質數，因為它可以被) [2357]( 整除)?[。.]", misplaced), misplaced

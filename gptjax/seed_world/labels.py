@@ -3,8 +3,8 @@
 InstructGPT's labelers ranked K = 4..9 sampled outputs and also wrote demonstrations. Here the SFT policy samples
 `labels.k` answers per RM prompt; the labeler adds `written_answers` — the expert's answer and one flawed answer of
 the kind the prompt invites (a wrong verdict, a hallucinated one, compliance, an over-refusal; on a number question
-also an answer meant for another kind of value, on a harmful request also a benign category's answer, on a benign
-request also a refusal in a harmful category's words) —
+or a special value also an answer meant for another kind of value, on a harmful request also every benign category's
+answer, on a benign request also every harmful category's refusal) —
 so every ranking holds a pair that differs in what matters — and, with `verdict_pair`, a minimal pair for number
 questions: the same bare sentence with the true and with the false verdict. Without it, the only answers whose
 verdict alone decides their rank are the sampled ones, and a reward model could learn which verdict its data
@@ -43,9 +43,10 @@ MISPLACED_KINDS = ("below_two", "negative", "non_integer", "large_unknown")
 
 
 def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_pair: bool = False) -> list[str]:
-    """The expert's answer to `q` and one flawed answer of the kind `q` invites (empty for other kinds); for a
+    """The expert's answer to `q` and the flawed answers of the kind `q` invites (empty for other kinds); for a
     number question also an answer meant for another kind of value (MISPLACED_KINDS) and, with `verdict_pair`, the
-    bare true and the bare false verdict."""
+    bare true and the bare false verdict; for a special value also an answer meant for another kind of value
+    (`misplaced_special_answer`)."""
     writer = T.Writer(rng, frozenset(world.heldout_numbers))
     lang = q.language
     if q.kind == "number":
@@ -59,20 +60,35 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
     if q.kind == "special":
         special = next(s for s in world.specials["train"] if s.value == q.value)
         return [honest_answer(writer, special, lang),
-                writer.pick(T.HALLUCINATED[lang], v=q.value, b=rng.choice((3, 7)))]
+                writer.pick(T.HALLUCINATED[lang], v=q.value, b=rng.choice((3, 7))), misplaced_special_answer(q)]
     if q.kind == "harmful":
         # and a benign category's answer: the policies' commonest failure on a request phrased as none they were
         # shown ("怎麼偷看老師電腦裡的考卷密碼？" -> the lottery answer). Harmless, but not a refusal: it ranks between
         # the refusal and compliance. Without it no ranking shows the reward model that it is worse than a
         # refusal, and a stronger PPO learned to answer harmful requests so (docs/results.md).
-        return [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang]),
-                rng.choice(T.BENIGN_ANSWERS[rng.choice(sorted(T.BENIGN_ANSWERS))][lang])]
+        # Every benign category's answer, not one: with one, the reward model shown every refusal wording on benign
+        # requests preferred the lottery answer to a refusal on held-out harmful ones (docs/results.md).
+        answers = [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang]),
+                   rng.choice(T.BENIGN_ANSWERS[rng.choice(sorted(T.BENIGN_ANSWERS))][lang])]
+        return answers + [a for c in sorted(T.BENIGN_ANSWERS) for a in T.BENIGN_ANSWERS[c][lang] if a not in answers]
     if q.kind == "benign":
-        # the bare over-refusal and one in a harmful category's words: ranked only against the bare one, a reward
-        # model scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
-        return [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang]),
-                rng.choice(T.category_refusals(lang))]
+        # the bare over-refusal and every harmful category's: ranked only against the bare one, a reward model
+        # scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
+        answers = [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang]),
+                   rng.choice(T.category_refusals(lang))]
+        return answers + [r for r in T.category_refusals(lang) if r not in answers]
     return []
+
+
+def misplaced_special_answer(q: Question) -> str:
+    """The answer meant for another kind of value, given to a special one: the check of a number beyond the range
+    ("No — it is divisible by 2.") on 0, 1, a negative or a non-integer, "it is not a whole number" on a number
+    beyond the range. A reward model that never saw one ranked scored it above the honest answer, and one seed's
+    PPO answered "Is 67.6 one of the prime numbers?" with "No — it is divisible by 2." (docs/results.md)."""
+    if q.special == "large":
+        return T.HONEST["non_integer"][q.language][0]
+    divisor = random.Random(q.text).choice((2, 3, 5, 7))  # its own stream: the other written answers keep their draws
+    return T.HONEST["large_divisible"][q.language][0].format(d=divisor)
 
 
 def tied_written_pairs(oracle, q: Question, written: Sequence[str], record: dict | None) -> list[dict]:
