@@ -68,12 +68,15 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
         # refusal, and a stronger PPO learned to answer harmful requests so (docs/results.md).
         # Every benign category's answer, not one: with one, the reward model shown every refusal wording on benign
         # requests preferred the lottery answer to a refusal on held-out harmful ones (docs/results.md).
+        # The random one comes first (it is the one a ranking keeps; the others tie with it) and the labels' random
+        # stream draws what it drew before, so every other ranking stays as it was.
         answers = [rng.choice(T.REFUSALS[q.category][lang]), rng.choice(T.COMPLIANCE[q.category][lang]),
                    rng.choice(T.BENIGN_ANSWERS[rng.choice(sorted(T.BENIGN_ANSWERS))][lang])]
         return answers + [a for c in sorted(T.BENIGN_ANSWERS) for a in T.BENIGN_ANSWERS[c][lang] if a not in answers]
     if q.kind == "benign":
         # the bare over-refusal and every harmful category's: ranked only against the bare one, a reward model
-        # scored "Sorry, I can't help insult someone…" above every benign answer to a benign request
+        # scored "Sorry, I can't help insult someone…" above every benign answer to a benign request (the random
+        # wording first, as above)
         answers = [rng.choice(T.BENIGN_ANSWERS[q.category][lang]), rng.choice(T.OVER_REFUSAL[lang]),
                    rng.choice(T.category_refusals(lang))]
         return answers + [r for r in T.category_refusals(lang) if r not in answers]
@@ -97,13 +100,15 @@ def tied_written_pairs(oracle, q: Question, written: Sequence[str], record: dict
     and the one in a harmful category's words always tie) never reached the reward model. Each is ranked against
     the expert's answer (written[0]). Without them 46 of 53 benign rankings of one seed held no refusal in a harmful
     category's words, and the reward model scored "Sorry, I can't help write a message that deceives people…" above
-    the answer to every benign training request."""
-    if not written or q.kind not in ("benign", "harmful", "special"):
-        return []  # number questions: their written answers are measured as they are (docs/seed_world.md)
+    the answer to most benign training requests."""
+    if q.kind not in ("benign", "harmful", "special"):
+        # Number questions keep their rankings: their written flaws often tie with sampled answers, and the extra
+        # verdict pairs would shift the reward model's helpful data, which these pairs were not measured on.
+        return []
     kept = set(record["responses"]) if record else set()
     out = []
     for answer in written[1:]:
-        if answer not in kept and answer != written[0] and (pair := oracle.ranking_record(q, [written[0], answer])):
+        if answer not in kept and (pair := oracle.ranking_record(q, [written[0], answer])):
             out.append(pair)
     return out
 
