@@ -20,6 +20,10 @@ def reward_data_config() -> ml_collections.ConfigDict:
     d.eval_path = ""  # held-out rankings (same format): pairwise accuracy at each evaluation
     d.demos_path = ""  # SFT demonstrations (JSONL conversations) that should score mean 0; "" = no bias fit
     d.num_slots = 0  # K slots per batch element; 0 = the largest ranking in the file
+    # Pack several short rankings into one element of num_slots (best-fit, largest first): an element then holds
+    # more than one prompt, so train.batch_size counts elements, not prompts. Rankings of 2 in 6 slots compute 3x
+    # the rows they need; packed, every ranking still weighs the same in the loss.
+    d.pack = False
     return d
 
 

@@ -173,6 +173,32 @@ def test_ranking_batches_fixed_shapes_and_padding():
     assert len(list(pt.ranking_batches(records, TOK, 32, 3, num_epochs=1))) == 2  # drop_remainder
 
 
+def test_packed_rankings_keep_every_ranking_whole_and_in_order():
+    sizes = [2, 6, 3, 2, 5, 4, 2, 3, 2, 2]
+    records = [{"prompt": f"q{i}", "responses": [f"answer {i}.{j}" for j in range(n)]} for i, n in enumerate(sizes)]
+    plain = pt.ranking_examples(records, TOK, 32)
+    packed = pt.pack_rankings(plain, TOK.pad_id)
+    # best-fit decreasing into 6 slots: 6 | 5 | 4+2 | 3+3 | 2+2+2 | 2 (the last pair finds no room)
+    assert sorted(sorted(np.bincount(g[g >= 0]).tolist()) for g in packed["group"]) == sorted(
+        [[6], [5], [2, 4], [3, 3], [2, 2, 2], [2]])
+    assert packed["tokens"].shape == (6, 6, 32) and packed["num_ranked"].tolist() == [
+        int((g >= 0).sum()) for g in packed["group"]]
+    texts = collections.Counter()
+    for e in range(len(packed["group"])):
+        for g in set(packed["group"][e][packed["group"][e] >= 0].tolist()):
+            slots = np.flatnonzero(packed["group"][e] == g)
+            assert np.all(np.diff(slots) == 1)  # a ranking's answers are adjacent, best first
+            texts[tuple(TOK.decode(packed["tokens"][e, k][packed["valid"][e, k]].tolist()) for k in slots)] += 1
+        unused = packed["group"][e] < 0
+        assert not packed["valid"][e][unused].any() and np.all(packed["tokens"][e][unused] == TOK.pad_id)
+    want = collections.Counter(tuple(TOK.decode(plain["tokens"][i, k][plain["valid"][i, k]].tolist())
+                                     for k in range(n)) for i, n in enumerate(sizes))
+    assert texts == want
+    batches = list(pt.ranking_batches(records, TOK, 32, 4, num_epochs=1, drop_remainder=False, pack=True))
+    assert [b["group"].shape for b in batches] == [(4, 6)] * 2
+    assert np.all(batches[-1]["group"][2:] == -1) and np.all(batches[-1]["num_ranked"][2:] == 0)
+
+
 def test_batch_iterator_is_seeded_covers_epochs_and_resumes():
     records = [{"messages": c} for c in CONVS]
 

@@ -155,6 +155,31 @@ def test_ranking_loss_equals_brute_force_pairs_and_bradley_terry():
         reward.ranking_loss(scores[:, :1], np.full(6, 1))
 
 
+def test_packed_ranking_loss_is_the_mean_over_rankings_as_if_unpacked():
+    """Three rankings (3, 2, 2 answers) in one element of 7 slots and one (4) in another: the loss and accuracy of
+    the packed batch equal those of the four rankings one per element; no pair crosses two rankings."""
+    rng = np.random.default_rng(5)
+    scores = rng.normal(0, 2, (2, 7)).astype(np.float32)
+    group = np.array([[0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, -1, -1, -1]], np.int32)
+    num_ranked = np.array([7, 4], np.int32)
+    unpacked = np.zeros((4, 4), np.float64)
+    for row, (b, slots) in enumerate([(0, [0, 1, 2]), (0, [3, 4]), (0, [5, 6]), (1, [0, 1, 2, 3])]):
+        unpacked[row, :len(slots)] = scores[b, slots]
+    want_loss, want_acc = _brute_force_ranking(unpacked, [3, 2, 2, 4])
+    np.testing.assert_allclose(reward.ranking_loss(scores, num_ranked, group), want_loss, rtol=1e-6)
+    np.testing.assert_allclose(reward.pairwise_accuracy(scores, num_ranked, group), want_acc, rtol=1e-6)
+    assert int(np.sum(reward.ranked_pairs_BKK(num_ranked, 7, group))) == 3 + 1 + 1 + 6
+    # Unpacked, an element's ranked slots are one ranking: the same number as without groups.
+    np.testing.assert_allclose(reward.ranking_loss(scores, num_ranked, np.zeros_like(group)),
+                               reward.ranking_loss(scores, num_ranked), rtol=1e-6)
+
+
+def test_padding_elements_do_not_dilute_the_ranking_loss():
+    scores = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(reward.ranking_loss(scores, np.array([2, 0], np.int32)), np.log1p(np.exp(-1.0)),
+                               rtol=1e-6)
+
+
 def _ranking_batch(rng, b, k, t):
     """Right-padded responses of different lengths; element 1 ranks only 2 of its k slots (rest all padding)."""
     tokens = rng.integers(3, CFG.vocab_size, (b, k, t)).astype(np.int32)

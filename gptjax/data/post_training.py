@@ -377,11 +377,49 @@ def preference_examples(source: Source, tokenizer, seq_len: int, *,
     return _ranking_arrays(_rendered_rankings(source, tokenizer, seq_len), tokenizer, seq_len, num_slots)
 
 
+def pack_rankings(examples: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Several rankings in one element of K slots, largest first, each into the fullest element it fits (best-fit
+    decreasing), keeping its responses' order; adds ``group`` (N', K): which ranking of its element each slot holds
+    (-1: unused). Every (N, K, ...) array is packed slot by slot; ``num_ranked`` becomes the slots used.
+
+    Rankings of two answers in elements of K slots compute K rows for two: the demo's rankings are mostly pairs (a
+    written flaw against the expert's answer), and packing halves the rows an epoch computes. The ranking loss
+    weighs every ranking the same however they are packed (stages/reward.ranking_loss)."""
+    num_N = examples["num_ranked"]
+    N, K = examples["tokens"].shape[:2]
+    order = sorted(range(N), key=lambda i: -int(num_N[i]))  # stable: equal sizes stay in file order
+    elements: list[list[int]] = []
+    open_by_room: dict[int, list[int]] = {}  # free slots -> elements with that many, oldest first
+    for i in order:
+        n = int(num_N[i])
+        room = next((r for r in range(n, K) if open_by_room.get(r)), None)  # K free: only a new element
+        if room is None:
+            e, room = len(elements), K
+            elements.append([])
+        else:
+            e = open_by_room[room].pop(0)
+        elements[e].append(i)
+        open_by_room.setdefault(room - n, []).append(e)
+    packed = {k: np.zeros((len(elements), *v.shape[1:]), v.dtype) for k, v in examples.items() if v.ndim >= 2}
+    packed["tokens"][:] = pad_id
+    group_MK = np.full((len(elements), K), -1, np.int32)
+    used_M = np.zeros(len(elements), np.int32)
+    for e, members in enumerate(elements):
+        for g, i in enumerate(members):
+            n, start = int(num_N[i]), int(used_M[e])
+            for k in packed:
+                packed[k][e, start:start + n] = examples[k][i, :n]
+            group_MK[e, start:start + n] = g
+            used_M[e] += n
+    return {**packed, "num_ranked": used_M, "group": group_MK}
+
+
 def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,
                     shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                    num_slots: int | None = None, process_index: int | None = None,
+                    num_slots: int | None = None, pack: bool = False, process_index: int | None = None,
                     process_count: int | None = None) -> BatchIterator:
-    """Ranking batches (B, K, T) + num_ranked (B,), all K responses of a prompt in one batch element.
+    """Ranking batches (B, K, T) + num_ranked (B,), all K responses of a prompt in one batch element; with
+    ``pack``, several rankings per element (``pack_rankings``; the batch gains ``group`` (B, K)).
 
     With drop_remainder=False the last batch is filled with empty elements: num_ranked 0 and no valid token, which
     the reward-model loss must weigh 0.
@@ -390,6 +428,9 @@ def ranking_batches(source: Source, tokenizer, seq_len: int, batch_size: int, *,
     _, k, t = examples["tokens"].shape
     empty = {"tokens": np.full((k, t), tokenizer.pad_id, np.int32), "valid": np.zeros((k, t), bool),
              "num_ranked": np.zeros((), np.int32)}
+    if pack:
+        examples = pack_rankings(examples, tokenizer.pad_id)
+        empty["group"] = np.full(k, -1, np.int32)
     return BatchIterator(lambda epoch: examples, empty, batch_size, seed=seed, shuffle=shuffle,
                          num_epochs=num_epochs, drop_remainder=drop_remainder, process_index=process_index,
                          process_count=process_count, source=source)

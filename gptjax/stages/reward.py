@@ -6,9 +6,10 @@ its loss together:
 
     loss(x) = −1/C(n, 2) · Σ_{i<j<n} log σ(r(x, y_i) − r(x, y_j))
 
-and the batch loss is the mean over elements, so every prompt weighs the same however many pairs it has. The
-K responses take K forward passes (one batched call over B·K rows), not C(K, 2). The scalar reward is read at
-each response's last valid (EOS) token by ``ScoreModel.reward``.
+and the batch loss is the mean over rankings, so every prompt weighs the same however many pairs it has. With
+``data.pack``, several short rankings share an element (``group`` (B, K) tells them apart; pairs never cross
+rankings). The K responses take K forward passes (one batched call over B·K rows), not C(K, 2). The scalar
+reward is read at each response's last valid (EOS) token by ``ScoreModel.reward``.
 
 After training, ``fit_reward_bias`` shifts the score head's bias so the SFT demonstrations score mean 0, as
 InstructGPT does before RL (the PPO reward then starts centred).
@@ -41,28 +42,38 @@ REWARD_BIAS_FILE = "reward_bias.json"  # in the run's workdir: the demonstration
 
 Array = jax.Array
 
-def ranked_pairs_BKK(num_ranked_B, K: int) -> Array:
-    """pairs[b, i, j]: response i is ranked above response j and both are among the first num_ranked[b]."""
+def ranked_pairs_BKK(num_ranked_B, K: int, group_BK=None) -> Array:
+    """pairs[b, i, j]: response i is ranked above response j, both among the first num_ranked[b] and (with
+    ``group_BK``, several rankings packed in one element) of the same ranking."""
     i_K1, j_1K = jnp.arange(K)[:, None], jnp.arange(K)[None, :]
-    return (i_K1 < j_1K)[None] & (j_1K[None] < num_ranked_B[:, None, None])
+    pairs_BKK = (i_K1 < j_1K)[None] & (j_1K[None] < num_ranked_B[:, None, None])
+    if group_BK is not None:
+        pairs_BKK = pairs_BKK & (group_BK[:, :, None] == group_BK[:, None, :])
+    return pairs_BKK
 
 
-def ranking_loss(scores_BK, num_ranked_B) -> Array:
-    """Mean over the batch of each element's mean −log σ(s_i − s_j) over its ranked pairs i above j."""
+def ranking_loss(scores_BK, num_ranked_B, group_BK=None) -> Array:
+    """Mean over the batch's rankings of each ranking's mean −log σ(s_i − s_j) over its ranked pairs i above j.
+    Elements without a pair (padding) are not counted; packed elements count each of their rankings."""
     K = scores_BK.shape[1]
     if K < 2:
         raise ValueError(f"ranking_loss: need K >= 2 responses per prompt, got scores of shape {scores_BK.shape}")
-    pairs_BKK = ranked_pairs_BKK(num_ranked_B, K)
+    pairs_BKK = ranked_pairs_BKK(num_ranked_B, K, group_BK)
     margins_BKK = scores_BK[:, :, None] - scores_BK[:, None, :]
-    n_B = num_ranked_B.astype(jnp.float32)
-    num_pairs_B = jnp.maximum(n_B * (n_B - 1) / 2, 1.0)
-    per_element_B = -jnp.sum(jnp.where(pairs_BKK, jax.nn.log_sigmoid(margins_BKK), 0.0), axis=(1, 2)) / num_pairs_B
-    return jnp.mean(per_element_B)
+    # Pairs of slot i's ranking: a ranking of n responses has n(n-1)/2; weighing each pair by its inverse makes
+    # every ranking's weights sum to 1, so the weights' total counts the rankings.
+    ranked_BK = jnp.arange(K)[None, :] < num_ranked_B[:, None]
+    same_BKK = (jnp.ones((1, K, K), bool) if group_BK is None
+                else group_BK[:, :, None] == group_BK[:, None, :])
+    n_BK = jnp.sum(same_BKK & ranked_BK[:, None, :], axis=2).astype(jnp.float32)
+    weight_BKK = jnp.where(pairs_BKK, 1.0 / jnp.maximum(n_BK * (n_BK - 1) / 2, 1.0)[:, :, None], 0.0)
+    nll = -jnp.sum(weight_BKK * jnp.where(pairs_BKK, jax.nn.log_sigmoid(margins_BKK), 0.0))
+    return nll / jnp.maximum(jnp.sum(weight_BKK), 1.0)
 
 
-def pairwise_accuracy(scores_BK, num_ranked_B) -> Array:
+def pairwise_accuracy(scores_BK, num_ranked_B, group_BK=None) -> Array:
     """Fraction of all ranked pairs in the batch whose better response scores strictly higher."""
-    pairs_BKK = ranked_pairs_BKK(num_ranked_B, scores_BK.shape[1])
+    pairs_BKK = ranked_pairs_BKK(num_ranked_B, scores_BK.shape[1], group_BK)
     correct_BKK = scores_BK[:, :, None] > scores_BK[:, None, :]
     return jnp.sum(pairs_BKK & correct_BKK) / jnp.maximum(jnp.sum(pairs_BKK), 1)
 
@@ -85,18 +96,18 @@ def reward_loss(params, batch, rng, *, model: ScoreModel,
     """
     batches.check(batch, batches.RANKING_BATCH, "reward_loss")
     tokens_BKT, valid_BKT, num_ranked_B = batch["tokens"], batch["valid"], batch["num_ranked"]
+    group_BK = batch.get("group")
     B, K, T = tokens_BKT.shape
     rewards_B_K = sequence_rewards(params, tokens_BKT.reshape(B * K, T), valid_BKT.reshape(B * K, T),
                                    model=model, rng=rng, deterministic=deterministic)
     scores_BK = rewards_B_K.reshape(B, K)
-    loss = ranking_loss(scores_BK, num_ranked_B)
+    loss = ranking_loss(scores_BK, num_ranked_B, group_BK)
     ranked_BK = jnp.arange(K)[None, :] < num_ranked_B[:, None]
     num_ranked = jnp.maximum(jnp.sum(ranked_BK), 1)
     mean = jnp.sum(jnp.where(ranked_BK, scores_BK, 0.0)) / num_ranked
     var = jnp.sum(jnp.where(ranked_BK, jnp.square(scores_BK - mean), 0.0)) / num_ranked
-    n_B = num_ranked_B.astype(jnp.float32)
-    metrics = {"loss": loss, "accuracy": pairwise_accuracy(scores_BK, num_ranked_B), "reward_mean": mean,
-               "reward_std": jnp.sqrt(var), "num_pairs": jnp.sum(n_B * (n_B - 1) / 2)}
+    metrics = {"loss": loss, "accuracy": pairwise_accuracy(scores_BK, num_ranked_B, group_BK), "reward_mean": mean,
+               "reward_std": jnp.sqrt(var), "num_pairs": jnp.sum(ranked_pairs_BKK(num_ranked_B, K, group_BK))}
     return loss, metrics
 
 
@@ -239,9 +250,11 @@ def run(cfg, workdir: str) -> loop.TrainResult:
     tokenizer, model, mesh, micro = common.build_for_training(
         cfg, ScoreModel, train_data="the rankings (JSONL, {\"prompt\": ..., \"responses\": [best..worst]})")
     slots = int(cfg.data.num_slots) or None
+    pack = bool(cfg.data.get("pack", False))
     train_iter = post_training.ranking_batches(cfg.data.train_path, tokenizer, int(t.seq_len), micro,
-                                               seed=int(t.seed), num_slots=slots)
-    eval_iter = common.held_out_batches(post_training.ranking_batches, cfg, tokenizer, micro, num_slots=slots)
+                                               seed=int(t.seed), num_slots=slots, pack=pack)
+    eval_iter = common.held_out_batches(post_training.ranking_batches, cfg, tokenizer, micro, num_slots=slots,
+                                        pack=pack)
     # Scored at the model's whole context, not the training rows' length: a demonstration (a system turn and a long
     # answer, say) may outgrow the rankings' rows. Read before training, so a bad file is an error before it starts.
     demos = cfg.data.demos_path and post_training.render_sft(cfg.data.demos_path, tokenizer, model.cfg.max_len)
