@@ -235,6 +235,11 @@ def test_repeated_answers_in_one_call_match_separate_asks():
     for answers in repeated:
         assert answers.texts == alone.texts
         np.testing.assert_array_equal(answers.rollouts.finished_B, alone.rollouts.finished_B)
+    # A call of 3 prompts runs a batch of 16 rows, not the evaluator's 32; greedy, the answers are the same.
+    small = E.StageEvaluator(tok, max_new_tokens=12, seed=0, batch_size=32)
+    assert small.ask(stage, questions, 0.0).texts == alone.texts
+    assert [engine.batch_size for engine in small._engines.values()] == [16]
+    assert [E.batch_rows(n, 128) for n in (1, 16, 17, 64, 65, 128, 300)] == [16, 16, 32, 64, 128, 128, 128]
     sampled = evaluator.ask_repeatedly(stage, questions, 1.0, times=2)
     assert sampled[0].texts != sampled[1].texts
     for answers in sampled:

@@ -135,7 +135,8 @@ class Evaluator:
         judged = [[self.oracle.judge(q, a)] for q, a in zip(self.questions, answers.texts)]
         gold = evaluation.helpful_table(self.questions, judged)
         rollouts = answers.rollouts
-        kl = self.evaluator.engine(policy.model, 1.0).kl(policy.params, self.sft_params, rollouts)
+        engine = self.evaluator.engine(policy.model, 1.0, len(rollouts.tokens_BT))
+        kl = engine.kl(policy.params, self.sft_params, rollouts)
         rm = reward.reward_scores(self.rm, self.rm_params, rollouts.tokens_BT, rollouts.valid_BT)
         return {"curve/balanced_accuracy": gold["balanced_accuracy"],
                 "curve/mean_gold_score": float(np.mean([js[0].score for js in judged])),

@@ -61,6 +61,15 @@ class Answers:
     rollouts: Rollouts  # the sampled rows (finished flags, tokens) for EOS rates and KL
 
 
+def batch_rows(num_prompts: int | None, most: int, least: int = 16) -> int:
+    """Rows of the compiled batch that answers ``num_prompts`` prompts: the smallest power of two that holds them
+    (at least ``least``), at most ``most``. A dialogue's turn asks 16 prompts: padded to 128 rows it cost 8x the
+    decoding (turns late in a dialogue decode after 100-200 prompt tokens)."""
+    if num_prompts is None or num_prompts >= most:
+        return most
+    return min(most, max(least, 1 << max(num_prompts - 1, 0).bit_length()))
+
+
 class StageEvaluator:
     """Asks a policy questions in fixed-size batches. Compiled programs are shared by every policy of the same
     architecture (the pretrained, SFT and PPO models differ only in their parameters)."""
@@ -71,13 +80,15 @@ class StageEvaluator:
         self.mesh = mesh
         self._engines: dict = {}
 
-    def engine(self, model, temperature: float) -> RolloutEngine:
-        key = (model, temperature)  # flax modules compare (and hash) by their fields
+    def engine(self, model, temperature: float, num_prompts: int | None = None) -> RolloutEngine:
+        """The engine for a call of ``num_prompts`` rows (None: full batches)."""
+        rows = batch_rows(num_prompts, self.batch_size)
+        key = (model, temperature, rows)  # flax modules compare (and hash) by their fields
         if key not in self._engines:
             tok = self.tokenizer
             self._engines[key] = RolloutEngine(model, sampling.SamplingConfig(
                 max_new_tokens=self.max_new_tokens, temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                vocab_size=tok.vocab_size), batch_size=self.batch_size, mesh=self.mesh)
+                vocab_size=tok.vocab_size), batch_size=rows, mesh=self.mesh)
         return self._engines[key]
 
     def prompt_ids(self, conversation: list[dict], language: str, chat_format: bool) -> list[int]:
@@ -90,7 +101,7 @@ class StageEvaluator:
     def generate_ids(self, stage: StageModel, prompts: Sequence[list[int]], temperature: float,
                      salt: int = 0) -> Answers:
         cap = stage.model.cfg.max_len - self.max_new_tokens
-        rollouts = self.engine(stage.model, temperature).generate(
+        rollouts = self.engine(stage.model, temperature, len(prompts)).generate(
             stage.params, prompts, self.seed + 7919 * salt, prompt_len=prompt_bucket(max(map(len, prompts)), cap))
         texts = []
         for i in range(len(prompts)):
@@ -132,7 +143,7 @@ class StageEvaluator:
     def kl_to(self, stage: StageModel, reference_params, questions: Sequence[Question]) -> float:
         """Mean per-answer KL(policy ‖ reference) in nats, estimated on answers sampled from the policy (T = 1)."""
         answers = self.ask(stage, questions, 1.0, salt=1)
-        return float(np.mean(self.engine(stage.model, 1.0).kl(stage.params, reference_params, answers.rollouts)))
+        return float(np.mean(self.engine(stage.model, 1.0, len(questions)).kl(stage.params, reference_params, answers.rollouts)))
 
 
 # --- tables -------------------------------------------------------------------------------------------------------
