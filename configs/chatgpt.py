@@ -83,7 +83,10 @@ def _sft_config() -> ml_collections.ConfigDict:
 def _reward_config() -> ml_collections.ConfigDict:
     r = reward.get_config()
     r.train.seq_len = 96  # the longest prompt (one earlier exchange and a question, ~45 tokens) and its answer
-    r.train.batch_size = 16
+    # Six of ten rankings are pairs (a written flaw against the expert's answer) in elements of six slots: packed,
+    # an element holds ~2 rankings, so 8 elements carry as many rankings as 16 unpacked ones at half the rows.
+    r.data.pack = True
+    r.train.batch_size = 8
     r.train.steps = 150
     r.optim.lr = 3e-4
     r.optim.warmup_steps = 10
