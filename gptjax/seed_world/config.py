@@ -78,6 +78,9 @@ class SeedWorldConfig:
     dialogue_special_rate: float = 0.4
     """Probability that a later question of a dialogue is about a special value (0, 1, a negative, a non-integer)
     rather than a number: the held-out dialogues end with one, after three exchanges about numbers."""
+    dialogue_why_rate: float = 0.3
+    """Probability that the user follows an exchange about a number with "why?" (the expert then spells out the
+    reason for that number)."""
     max_dialogue_tokens: int = 512
     """A dialogue stops before an exchange that would make it longer than this many tokens under the byte tokenizer
     and the chat template (an upper bound on its length under any of the project's tokenizers)."""
@@ -121,7 +124,7 @@ class SeedWorldConfig:
         for name in ("forum_fraction", "forum_wrong_rate", "forum_wrong_rate_hard", "forum_bogus_reason_rate",
                      "forum_special_fraction", "forum_hallucination_rate", "forum_request_fraction",
                      "forum_compliance_rate", "textbook_special_fraction", "wrong_demo_fraction",
-                     "wrong_aligned_demo_fraction", "dialogue_special_rate",
+                     "wrong_aligned_demo_fraction", "dialogue_special_rate", "dialogue_why_rate",
                      "system_prompt_rate", "prompt_hard_share"):
             check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",

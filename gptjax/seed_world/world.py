@@ -305,7 +305,7 @@ def _dialogue(cfg: SeedWorldConfig, writer: T.Writer, rng: random.Random, number
             n = _weighted_numbers(rng, numbers, cfg.prime_oversample, 1)[0]
             template = rng.choice(T.FOLLOW_UPS["train"][lang] if asked else T.NUMBER_QUESTIONS["train"][lang])
             exchange = _exchange(template.format(n=n), writer.expert(n, lang))
-            if rng.random() < 0.3:  # the user asks why; the expert spells out the reason
+            if rng.random() < cfg.dialogue_why_rate:  # the user asks why; the expert spells out the reason
                 exchange += _exchange(rng.choice(T.WHY["train"][lang]), writer.why(n, lang))
             asked = True
         if _byte_tokens(turns + exchange) > cfg.max_dialogue_tokens:
