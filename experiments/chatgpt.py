@@ -19,26 +19,12 @@ from gptjax.train import metrics as metrics_lib
 _CONFIG = cli.define_config_file("config", "configs/chatgpt.py:demo", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the stages' runs go.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Run these seeds (default: config.seed).")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 2, "On a CPU, split the host into this many XLA devices and each batch over them (data "
-    "parallel): on 2 cores the demo runs ~10% faster on 2 devices than on one. 0 leaves XLA_FLAGS as they are, and so "
-    "does an XLA_FLAGS that sets --xla_force_host_platform_device_count itself. Several runs side by side on a small "
-    "CPU: use 1 (a starved device stalls the others' collectives).")
 _WAIT_FOR_LOCK = flags.DEFINE_bool("wait_for_lock", False, "When another process runs in a stage's workdir, wait "
                                    "for it to finish instead of refusing.")
 
 
-def _split_host(devices: int) -> None:
-    """Sets the host device count before JAX starts its CPU backend (XLA reads XLA_FLAGS then, not at import);
-    accelerators are unaffected."""
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if devices > 0 and "--xla_force_host_platform_device_count" not in xla_flags:
-        os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip()
-
-
 def main(argv):
     del argv
-    _split_host(_CPU_DEVICES.value)
     metrics_lib.quiet_library_logs()
     cfg = _CONFIG.value
     seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [int(cfg.seed)]

@@ -257,16 +257,3 @@ def test_pipeline_stops_after_the_reward_model_when_asked(smoke, monkeypatch):
     with pytest.raises(ValueError, match="valid stop points"):
         pipeline.run_pipeline(cfg, workdir, through="ppo")
 
-
-def test_the_demo_binary_splits_the_host_cpu_unless_xla_flags_say_otherwise(monkeypatch):
-    from experiments import chatgpt as binary
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
-    binary._split_host(2)
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=2"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    binary._split_host(2)  # the user's (or the tests') own count stays
-    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
-    monkeypatch.delenv("XLA_FLAGS")
-    binary._split_host(0)
-    assert "XLA_FLAGS" not in os.environ
