@@ -256,4 +256,3 @@ def test_pipeline_stops_after_the_reward_model_when_asked(smoke, monkeypatch):
     assert os.path.getmtime(report) == before
     with pytest.raises(ValueError, match="valid stop points"):
         pipeline.run_pipeline(cfg, workdir, through="ppo")
-
