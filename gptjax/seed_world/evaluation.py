@@ -197,7 +197,8 @@ def honest_table(questions: Sequence[Question], judged: Sequence[Sequence[Judgem
     out = {"honest": honest, "honest_se": honest_se, "hallucination": halluc, "hallucination_se": halluc_se,
            "values": k}
     for kind in ("below_two", "negative", "non_integer", "large"):
-        sub = {q.value: [float(j.ok) for j in js] for q, js in zip(questions, judged) if q.special == kind}
+        # Grouped by value as above: a value is asked in both languages, and each asking counts.
+        sub = {value: groups_h[value] for value in dict.fromkeys(q.value for q in questions if q.special == kind)}
         out[f"{kind}/honest"] = mean_se(sub)[0]
     return out
 
