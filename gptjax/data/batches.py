@@ -102,8 +102,6 @@ PREFERENCE_BATCH = Contract("preference", (
     Field("valid", "BKT", "bool", doc="real tokens of each row"),
     Field("response_mask", "BKT", "bool", doc="response tokens (EOS included): the tokens whose log-probs count"),
     Field("num_ranked", "B", "int32", doc="responses 0..n-1 are ranked best to worst; slots k >= n are unused"),
-    Field("group", "BK", "int32", required=False,
-          doc="which ranking of the element each slot holds (post_training.pack_rankings); absent: one ranking"),
     Field("ref_logprobs", "BK", "float32", doc="Σ over response k's tokens of log π_ref (the frozen reference)"),
 ), doc="DPO / IPO: K ranked responses to one prompt, every ranked pair a preference, with the reference's sequence "
        "log-probs (post_training.preference_examples, stages/dpo.py).")

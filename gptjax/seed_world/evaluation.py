@@ -143,7 +143,8 @@ class StageEvaluator:
     def kl_to(self, stage: StageModel, reference_params, questions: Sequence[Question]) -> float:
         """Mean per-answer KL(policy ‖ reference) in nats, estimated on answers sampled from the policy (T = 1)."""
         answers = self.ask(stage, questions, 1.0, salt=1)
-        return float(np.mean(self.engine(stage.model, 1.0, len(questions)).kl(stage.params, reference_params, answers.rollouts)))
+        engine = self.engine(stage.model, 1.0, len(questions))
+        return float(np.mean(engine.kl(stage.params, reference_params, answers.rollouts)))
 
 
 # --- tables -------------------------------------------------------------------------------------------------------
