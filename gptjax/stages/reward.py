@@ -60,13 +60,11 @@ def ranking_loss(scores_BK, num_ranked_B, group_BK=None) -> Array:
         raise ValueError(f"ranking_loss: need K >= 2 responses per prompt, got scores of shape {scores_BK.shape}")
     pairs_BKK = ranked_pairs_BKK(num_ranked_B, K, group_BK)
     margins_BKK = scores_BK[:, :, None] - scores_BK[:, None, :]
-    # Pairs of slot i's ranking: a ranking of n responses has n(n-1)/2; weighing each pair by its inverse makes
-    # every ranking's weights sum to 1, so the weights' total counts the rankings.
-    ranked_BK = jnp.arange(K)[None, :] < num_ranked_B[:, None]
-    same_BKK = (jnp.ones((1, K, K), bool) if group_BK is None
-                else group_BK[:, :, None] == group_BK[:, None, :])
-    n_BK = jnp.sum(same_BKK & ranked_BK[:, None, :], axis=2).astype(jnp.float32)
-    weight_BKK = jnp.where(pairs_BKK, 1.0 / jnp.maximum(n_BK * (n_BK - 1) / 2, 1.0)[:, :, None], 0.0)
+    # A response of a ranking of n has n - 1 partners and its ranking n(n-1)/2 pairs; weighing each pair by the
+    # inverse makes every ranking's weights sum to 1, so the weights' total counts the rankings.
+    partners_BK = jnp.sum(pairs_BKK | jnp.swapaxes(pairs_BKK, 1, 2), axis=2).astype(jnp.float32)
+    num_pairs_BK = partners_BK * (partners_BK + 1) / 2
+    weight_BKK = jnp.where(pairs_BKK, 1.0 / jnp.maximum(num_pairs_BK, 1.0)[:, :, None], 0.0)
     nll = -jnp.sum(weight_BKK * jnp.where(pairs_BKK, jax.nn.log_sigmoid(margins_BKK), 0.0))
     return nll / jnp.maximum(jnp.sum(weight_BKK), 1.0)
 
