@@ -20,10 +20,6 @@ def reward_data_config() -> ml_collections.ConfigDict:
     d.eval_path = ""  # held-out rankings (same format): pairwise accuracy at each evaluation
     d.demos_path = ""  # SFT demonstrations (JSONL conversations) that should score mean 0; "" = no bias fit
     d.num_slots = 0  # K slots per batch element; 0 = the largest ranking in the file
-    # Pack several short rankings into one element of num_slots (best-fit, largest first): an element then holds
-    # more than one prompt, so train.batch_size counts elements, not prompts. Rankings of 2 in 6 slots compute 3x
-    # the rows they need; packed, every ranking still weighs the same in the loss.
-    d.pack = False
     return d
 
 
@@ -34,6 +30,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = common.model_config("from_init")
     c.tokenizer = common.tokenizer_config("from_init")
     c.data = reward_data_config()
+    # Pack several short rankings into one element of num_slots (best-fit, largest first): an element then holds
+    # more than one prompt, so train.batch_size counts elements, not prompts. Rankings of 2 in 6 slots compute 3x
+    # the rows they need; packed, every ranking still weighs the same in the loss. (The reward model's alone: DPO
+    # pairs every ranked response of an element.)
+    c.data.pack = False
     c.optim = common.optim_config()
     c.optim.lr = 9e-6
     c.train = common.train_config()
