@@ -242,10 +242,18 @@ def dialogue_table(played, oracle: GoldOracle) -> dict[str, float]:
 
 # --- knowledge probe, RM pairs, KL ---------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def sequence_logprob_fn(model) -> Callable:
-    """jitted (params, tokens, valid) -> Σ log p(token_t | tokens_<t) over each row's real tokens after the first."""
+    """jitted (params, tokens, valid) -> Σ log p(token_t | tokens_<t) over each row's real tokens after the first.
+    One program per model (flax modules hash by their fields), so every stage and split reuses its compilations."""
     logprobs = functools.partial(response_logprobs, model=model)
     return jax.jit(lambda p, t, v: jnp.sum(logprobs(p, t, v) * v, axis=1))
+
+
+@functools.lru_cache(maxsize=None)
+def token_logprob_fn(model, vocab_size: int) -> Callable:
+    """jitted (params, tokens, valid) -> log p(token_t | tokens_<t) per position, one program per model."""
+    return jax.jit(functools.partial(response_logprobs, model=model, vocab_size=vocab_size))
 
 
 def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
@@ -316,8 +324,7 @@ def number_copy(evaluator: StageEvaluator, stage: StageModel, questions: Sequenc
         rows.append(prompt + answer)
         spans.append((len(prompt) + span[0], len(prompt) + span[1]))
         numbers.append(q.number)
-    fn = jax.jit(functools.partial(response_logprobs, model=stage.model, vocab_size=tok.vocab_size))
-    logp = _in_batches(fn, stage.params, rows, tok.pad_id, batch)
+    logp = _in_batches(token_logprob_fn(stage.model, tok.vocab_size), stage.params, rows, tok.pad_id, batch)
     groups: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in CLASSES}
     for i, (n, (start, stop)) in enumerate(zip(numbers, spans)):
         groups[number_class(n)][n].append(float(np.exp(logp[i, start:stop].sum())))
