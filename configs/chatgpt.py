@@ -43,7 +43,8 @@ def _pretrain_config() -> ml_collections.ConfigDict:
     # 1,200 steps (4.9M tokens): copying the asked number into the answer is learned late. After 600 steps the
     # policies gave the asked number ~0.3 (pretrained) and 0.48 (SFT) probability where the answer names it, on
     # held-out numbers, and ~42% of SFT's sampled answers were about another number; after 1,200: 0.61 and 0.62,
-    # 23% (three seeds; evaluation.number_copy).
+    # 23% (three seeds; evaluation.number_copy). 1,000 steps save ~75 s of the demo but copy worse (0.54 pretrained)
+    # and PPO's held-out sampled answers end 6 points lower (docs/results.md, "Where the budget goes").
     p.train.steps = 1200
     p.optim.lr = 3e-3
     p.optim.warmup_steps = 60
@@ -109,6 +110,8 @@ def _ppo_config() -> ml_collections.ConfigDict:
     o.ppo.kl_coef = 0.5
     o.sampling.max_prompt_len = 48  # every prompt of a batch is padded to this; multi-turn prompts are ~45 tokens
     o.sampling.max_new_tokens = 40
+    # PPO clips almost no ratio at 1e-4, yet 2e-4 gained nothing held out and at 4e-4 the policies stopped refusing
+    # harmful requests (0.83 -> 0.46, three seeds; docs/results.md).
     o.optim.lr = 1e-4
     o.optim.frozen = FROZEN
     o.train.steps = 40
