@@ -87,7 +87,8 @@ class SeedWorldConfig:
     wrong_demo_fraction: float = 0.2
     """Fraction of the single-turn demonstrations to "is n prime?" that are wrong (labelers' mistakes): a wrong
     verdict or reason, or an answer in the other language. Clean demonstrations saturate SFT and leave the reward
-    model nothing to learn."""
+    model nothing to learn: at 0.05 (three seeds) SFT's sampled held-out answers gained 4 points, the reward models
+    lost verdict pairs and PPO's answers ended 1 point lower (docs/results.md)."""
     wrong_aligned_demo_fraction: float = 0.05
     """Same, for the demonstrations of the honest and harmless axes (special values, harmful and benign requests):
     a hallucinated verdict, compliance or an over-refusal. The reward model's rankings already hold one such
