@@ -30,7 +30,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.post_ln = placeholder(bool)  # GPT-1 post-LayerNorm blocks
     m.attention_pattern = placeholder(str)  # comma-separated cycle of "dense"/"local", e.g. "dense,local"
     m.local_window = placeholder(int)  # band width of "local" layers
-    m.attention_impl = placeholder(str)  # auto | xla | cudnn
+    m.attention_impl = placeholder(str)  # auto | xla | cudnn | blocked
     m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16 | float16 (logits/loss stay float32)
     m.param_dtype = placeholder(str)  # parameter / optimizer master-copy dtype
     # bfloat16: a float32 model's projections and LM head take bfloat16 operands, accumulating in float32

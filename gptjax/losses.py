@@ -47,13 +47,26 @@ def token_stats(logits_BTV, targets_BT, *, temperature: float = 1.0, with_entrop
         logprob_BT, lse_BT = _target_logprob_fwd(logits_BTV, targets_BT, temperature)[0]
     else:
         raise ValueError(f"token_stats: backward={backward!r} is unknown; valid choices: {list(XENT_BACKWARDS)}")
-    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    correct_BT = argmax_hit(logits_BTV, targets_BT)
     entropy_BT = None
     if with_entropy:
         # -Σ p log p from log p = z - lse: no cancellation between two large terms when one token dominates.
         logp_BTV = logits_BTV.astype(jnp.float32) / temperature - lse_BT[..., None]
         entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
     return TokenStats(logprob_BT, lse_BT, correct_BT, entropy_BT)
+
+
+def argmax_hit(logits_BTV, targets_BT) -> Array:
+    """``argmax(logits, -1) == targets`` (ties go to the lowest index, as argmax's), bool (B, T).
+
+    Written as the target's logit equal to the maximum with no lower index reaching it: XLA:CPU lowers argmax to
+    a variadic (value, index) reduce that does not vectorise, ~14 ms over a 4096 x 2048 float32 block (4% of the
+    demo's pretraining step) against ~3 ms for these two plain reductions."""
+    max_BT = jnp.max(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    vocab_ids_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
+    earlier_max_BT = jnp.any((logits_BTV == max_BT[..., None]) & (vocab_ids_BTV < targets_BT[..., None]), axis=-1)
+    return (target_BT == max_BT) & ~earlier_max_BT
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -19,6 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax.attention import (CACHE_AXES, CACHE_LENGTH_AXIS, AttentionMasks, blocked_causal_attention,  # noqa: F401
+                              build_masks, cached_attention, materialise_mask, reference_attention,
+                              resolve_attention_impl)
 from gptjax.errors import ConfigError, dataclass_from_dict
 from gptjax.matmuls import lm_logits, narrow_dot
 
@@ -33,7 +36,7 @@ REMAT_POLICIES: dict[str, Any] = {
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 # How the LM losses' gradient reaches the logits (gptjax.losses.token_stats): JAX's autodiff of the expressions,
 # or a hand-written single-pass backward (gptjax.losses.target_logprob).
 XENT_BACKWARDS = ("autodiff", "fused")
@@ -63,7 +66,9 @@ class GPTConfig:
     # GPT-3's alternating dense / locally banded pattern. num_layers must be a multiple of its length.
     attention_pattern: tuple[str, ...] = ("dense",)
     local_window: int = 256  # band width of "local" layers: a token sees itself and the previous window-1
-    attention_impl: str = "auto"  # auto: cuDNN flash on GPU when shapes/dtypes allow, XLA otherwise
+    # auto: cuDNN flash on GPU when shapes/dtypes allow, "blocked" for causal training forwards on CPU (exact
+    # softmax attention computed per block of queries over the keys up to the block's end), XLA otherwise.
+    attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype of matmuls/activations; logits and losses are always float32
     # None: matmuls take compute-dtype operands. "bfloat16" in a float32 model: the projections and the LM head
     # cast their operands to bfloat16 and accumulate in float32 (matmuls.narrow_dot): ~15% faster training steps
@@ -166,49 +171,6 @@ def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
                         bias_init=_zeros(("norm",)), name=name)
 
 
-def resolve_attention_impl(cfg: GPTConfig, dropout_active: bool, decoding: bool = False) -> str:
-    """'xla' | 'cudnn' | 'reference' for this config on the current default backend."""
-    if dropout_active:
-        return "reference"  # jax.nn.dot_product_attention has no attention dropout
-    if cfg.attention_impl != "auto":
-        return cfg.attention_impl
-    if decoding:
-        return "xla"  # one query per step: flash gains nothing and cuDNN would turn the mask into a bias
-    cudnn_ok = (jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
-                and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0)
-    return "cudnn" if cudnn_ok else "xla"
-
-
-def reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, dropout: nn.Dropout | None, deterministic: bool):
-    """Plain softmax attention; used when attention dropout is on (and as the readable definition)."""
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
-    logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
-    if dropout is not None:
-        probs_BNTS = dropout(probs_BNTS, deterministic=deterministic)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionMasks:
-    """What the attention kernels need, built once per forward and shared by every layer.
-
-    ``dense``/``local`` are boolean (B, 1, T, S) masks or None; when ``is_causal`` is set the kernel adds the
-    causal triangle itself (cuDNN then skips the masked blocks) and ``kernel_window`` is passed as its
-    sliding window for local layers. In decode mode the causal/band structure is baked into the masks.
-    """
-
-    dense: Array | None
-    local: Array | None
-    is_causal: bool
-    kernel_window: int | None
-
-
-jax.tree_util.register_dataclass(AttentionMasks, data_fields=["dense", "local"],
-                                 meta_fields=["is_causal", "kernel_window"])
-
-
 def cast_for_use(w, axes: tuple[str | None, ...], dtype) -> Array:
     """``w`` in ``dtype`` (None: unchanged), cast under its own sharding (logical ``axes``), so that the all-gather
     that follows moves ``dtype`` (GPTConfig.gather_dtype)."""
@@ -261,46 +223,37 @@ class CausalSelfAttention(nn.Module):
                                dtype, pdtype, cfg.gather_dtype, cfg.matmul_dtype, name="qkv")(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
         new_cache = None
-        if cache is not None:
-            # Decode: write this step's keys/values into the preallocated cache, attend over all of it.
-            k_BSNH = jax.lax.dynamic_update_slice(cache["k"], k_BTNH.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_BSNH = jax.lax.dynamic_update_slice(cache["v"], v_BTNH.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            k_BSNH = nn.with_logical_constraint(k_BSNH, ("batch", "cache_length", "heads", "kv"))
-            v_BSNH = nn.with_logical_constraint(v_BSNH, ("batch", "cache_length", "heads", "kv"))
-            new_cache = {"k": k_BSNH, "v": v_BSNH}
-            k_BSNH, v_BSNH = k_BSNH.astype(dtype), v_BSNH.astype(dtype)
-        else:
-            k_BSNH, v_BSNH = k_BTNH, v_BTNH
-
         local = self.kind == "local"
         mask = masks.local if local else masks.dense
         window = masks.kernel_window if local else None
         dropout_active = cfg.dropout_attn > 0 and not deterministic
         impl = resolve_attention_impl(cfg, dropout_active, decoding=cache is not None)
-        if impl == "reference":
-            full = _materialise_mask(mask, masks.is_causal, window, q_BTNH.shape[1], k_BSNH.shape[1])
-            out_BTNH = reference_attention(q_BTNH, k_BSNH, v_BSNH, full, nn.Dropout(cfg.dropout_attn),
+        if cache is not None:
+            # Decode: write this step's keys/values into the preallocated (B, N, S, H) cache, attend over all of it.
+            new_cache = {name: nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice(cache[name], x_BTNH.swapaxes(1, 2).astype(cache[name].dtype),
+                                             (0, 0, cache_index, 0)), CACHE_AXES)
+                for name, x_BTNH in (("k", k_BTNH), ("v", v_BTNH))}
+            k_BNSH, v_BNSH = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+            if impl != "cudnn":
+                out_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask)
+            else:
+                out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BNSH.swapaxes(1, 2), v_BNSH.swapaxes(1, 2),
+                                                        mask=mask, implementation=impl)
+        elif impl == "blocked":
+            out_BTNH = blocked_causal_attention(q_BTNH, k_BTNH, v_BTNH, mask, window)
+        elif impl == "reference":
+            full = materialise_mask(mask, masks.is_causal, window, q_BTNH.shape[1], k_BTNH.shape[1])
+            out_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, full, nn.Dropout(cfg.dropout_attn),
                                            deterministic)
         else:
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=masks.is_causal,
+                q_BTNH, k_BTNH, v_BTNH, mask=mask, is_causal=masks.is_causal,
                 local_window_size=(window - 1, 0) if window else None, implementation=impl)
         out_BTD = Projection((N, H), (cfg.d_model,), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "kv"),
                              ("embed",), dtype, pdtype, cfg.gather_dtype, cfg.matmul_dtype, name="out")(out_BTNH)
         out_BTD = nn.Dropout(cfg.dropout_resid)(out_BTD, deterministic=deterministic)
         return out_BTD, new_cache
-
-
-def _materialise_mask(mask_B1TS, is_causal: bool, window: int | None, T: int, S: int):
-    """The full boolean mask the kernels apply implicitly (queries are the last T of S positions)."""
-    q_T1 = jnp.arange(T)[:, None] + (S - T)
-    k_1S = jnp.arange(S)[None, :]
-    full = jnp.ones((1, 1, T, S), bool)
-    if is_causal:
-        full = full & (k_1S <= q_T1)
-    if window:
-        full = full & (q_T1 - k_1S < window)
-    return full if mask_B1TS is None else full & mask_B1TS
 
 
 class MLP(nn.Module):
@@ -354,33 +307,6 @@ class BlockGroup(nn.Module):
             if cache is not None:
                 new_cache[f"block_{j}"] = c
         return x_BTD, new_cache
-
-
-def build_masks(cfg: GPTConfig, T: int, segment_ids_BT, decode: tuple | None) -> AttentionMasks:
-    """Attention masks for a training/eval forward (decode None) or a KV-cache step.
-
-    Training: causal within each packed document (``segment_ids_BT``; None = one document per row).
-    Decode (``decode=(cache_index, kv_valid_BS)``): the T new queries occupy cache slots
-    [cache_index, cache_index+T); a query sees slot j if j is not after it, was written with a real token
-    (``kv_valid_BS``; left-padding is False) and, in local layers, lies inside its window. A query always
-    sees itself, so padded rows never attend to nothing.
-    """
-    local_used = "local" in cfg.attention_pattern
-    if decode is None:
-        if segment_ids_BT is None:
-            return AttentionMasks(None, None, True, cfg.local_window if local_used else None)
-        same_doc_B1TT = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-        return AttentionMasks(same_doc_B1TT, same_doc_B1TT if local_used else None, True,
-                              cfg.local_window if local_used else None)
-    cache_index, kv_valid_BS = decode
-    S = kv_valid_BS.shape[1]
-    q_slot_T1 = cache_index + jnp.arange(T)[:, None]
-    k_slot_1S = jnp.arange(S)[None, :]
-    causal_TS = k_slot_1S <= q_slot_T1
-    dense_B1TS = (causal_TS[None] & kv_valid_BS[:, None, :]) | (k_slot_1S == q_slot_T1)[None]
-    dense_B1TS = dense_B1TS[:, None]
-    local_B1TS = dense_B1TS & (q_slot_T1 - k_slot_1S < cfg.local_window)[None, None] if local_used else None
-    return AttentionMasks(dense_B1TS, local_B1TS, False, None)
 
 
 class Decoder(nn.Module):
@@ -529,7 +455,7 @@ def init_cache(cfg: GPTConfig, batch: int, cache_len: int, dtype=None):
     if cache_len > cfg.max_len:
         raise ConfigError(f"cache length {cache_len} (prompt + new tokens) exceeds model.max_len={cfg.max_len}")
     dtype = _dtype(cfg.dtype) if dtype is None else dtype
-    shape = (batch, cache_len, cfg.num_heads, cfg.head_dim)
+    shape = (batch, cfg.num_heads, cache_len, cfg.head_dim)  # CACHE_AXES
 
     def group(prefix=()):
         return {f"block_{j}": {"k": jnp.zeros(prefix + shape, dtype), "v": jnp.zeros(prefix + shape, dtype)}

@@ -42,6 +42,19 @@ def test_plain_stats_match_numpy_log_softmax():
                                -losses.token_stats(lm_logits(hidden, emb, jnp.float32), targets).logprob_BT)
 
 
+def test_argmax_hit_breaks_ties_as_numpy_argmax():
+    # Few distinct values, so most rows hold several maxima: the hit must go to the lowest of them only.
+    rng = np.random.default_rng(0)
+    logits_BTV = rng.integers(0, 3, size=(4, 50, 7)).astype(np.float32)
+    targets_BT = rng.integers(0, 7, size=(4, 50))
+    want = logits_BTV.argmax(-1) == targets_BT
+    assert 0 < want.sum() < want.size and (np.sum(logits_BTV == logits_BTV.max(-1, keepdims=True), -1) > 1).any()
+    np.testing.assert_array_equal(losses.argmax_hit(jnp.asarray(logits_BTV), jnp.asarray(targets_BT)), want)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        got = losses.argmax_hit(jnp.asarray(logits_BTV, dtype), jnp.asarray(targets_BT))
+        np.testing.assert_array_equal(got, want)
+
+
 def _objective(stats_fn):
     # A scalar touching every output that has a gradient, with position-dependent weights.
     w_BT = jnp.linspace(0.5, 1.5, B * T).reshape(B, T)

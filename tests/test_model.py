@@ -79,6 +79,31 @@ def test_attention_matches_explicit_mask_reference():
         np.testing.assert_allclose(fast, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [20, 64, 100, 128])
+def test_blocked_attention_equals_full_causal_softmax_in_value_and_gradient(T):
+    """Query blocks over the keys they can see == one softmax over all keys under the materialised mask, with
+    packed segments and with a local window that starts inside an earlier block (T 100: a short last block)."""
+    B, N, H, window = 2, 2, 8, 40
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (B, T, N, H)) for i in range(4))
+    seg_BT = jnp.asarray(np.repeat(np.arange(1, 6), -(-T // 5))[None, :T].repeat(B, 0))
+    seg_mask_B1TT = (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    for mask_B1TT, win in ((None, None), (seg_mask_B1TT, None), (seg_mask_B1TT, window)):
+        want_mask = (j <= i) & ((i - j) < (win or T + 1))
+        want_mask = jnp.asarray(want_mask)[None, None] & (True if mask_B1TT is None else mask_B1TT)
+
+        def blocked(q, k, v):
+            return jnp.sum(w * M.blocked_causal_attention(q, k, v, mask_B1TT, win))
+
+        def full(q, k, v):
+            return jnp.sum(w * M.reference_attention(q, k, v, want_mask, None, True))
+
+        np.testing.assert_allclose(M.blocked_causal_attention(q, k, v, mask_B1TT, win),
+                                   M.reference_attention(q, k, v, want_mask, None, True), atol=1e-5)
+        for g_blocked, g_full in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(g_blocked, g_full, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt1", "tiny-sparse"])
 def test_scan_equals_loop_and_remat_equals_none(preset):
     cfg = preset_config(preset)
@@ -201,7 +226,7 @@ def test_last_valid_index():
 @pytest.mark.parametrize("fields,needle", [
     (dict(d_model=64, num_heads=5), "num_heads=5 does not divide model.d_model=64"),
     (dict(remat="sometimes"), "valid choices: ['none', 'full', 'save_dots', 'save_dots_no_batch']"),
-    (dict(attention_impl="flash"), "valid choices: ['auto', 'xla', 'cudnn']"),
+    (dict(attention_impl="flash"), "valid choices: ['auto', 'xla', 'cudnn', 'blocked']"),
     (dict(attention_pattern=("dense", "sparse")), "model.attention_pattern"),
     (dict(num_layers=3, attention_pattern=("dense", "local")), "multiple of len(model.attention_pattern)"),
 ])

@@ -22,7 +22,7 @@ from scipy import stats
 from gptjax.errors import ConfigError
 from gptjax.model import GPT, unstack_layers
 from gptjax.presets import preset_config
-from gptjax.sampling import SamplingConfig, left_pad, make_sampler, prompt_and_response
+from gptjax.sampling import SamplingConfig, _categorical, left_pad, make_sampler, prompt_and_response
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 256, 3, 11, 64], [8, 1], [400, 23, 23, 90, 12], [77]]
 N_NEW = 12
@@ -192,6 +192,18 @@ def test_first_token_frequencies_match_softmax(temperature, top_k, top_p):
     obs, exp = obs[exp > 0], exp[exp > 0]
     assert len(obs) >= 4, "distribution too peaked to test"
     assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_categorical_draws_equal_jax_random_categorical():
+    # The sampler's own categorical must draw exactly what jax.random.categorical draws with the same key,
+    # including rows with masked (-inf) entries and rows of equal logits (ties between noisy values).
+    logits_BV = jax.random.normal(jax.random.key(0), (64, 257)) * 3.0
+    logits_BV = logits_BV.at[:8, 100:].set(-jnp.inf).at[8:16].set(0.0)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(jax.jit(_categorical)(key, logits_BV),
+                                      jax.random.categorical(key, logits_BV, axis=-1))
+    assert bool(jnp.all(jax.jit(_categorical)(jax.random.key(9), logits_BV)[:8] < 100))
 
 
 def test_sampled_rollout_scores_like_full_forward():
