@@ -40,7 +40,14 @@ def _itemsize(dtype) -> int:
 
 
 def stage_plan(cfg, mesh: Mesh, frozen_mesh: Mesh | None = None) -> aot.StagePlan:
-    """What ``cfg.stage`` runs per step (its ``Stage.plan``), on ``mesh``."""
+    """What ``cfg.stage`` runs per step (its ``Stage.plan``), on ``mesh``.
+
+    Attention is planned as XLA's kernel: the CPU devices that stand in for a GPU/TPU target would otherwise pick
+    the CPU-only ``blocked`` attention (``model.attention_impl=auto``), which no accelerator runs."""
+    if cfg.model.get("attention_impl") in (None, "auto"):
+        cfg = cfg.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.model.attention_impl = "xla"
     stage = registry.get(cfg.stage)
     if stage.plan is None:
         planned = [s.name for s in registry.stages() if s.plan is not None]
