@@ -45,7 +45,8 @@ demo: $(BIN)/.installed
 pretrain-demo: assets
 	$(BIN)/python -m experiments.train --config=configs/pretrain.py:shakespeare-demo --workdir=workdirs/shakespeare
 
-# Every seed-world metric per seed plus means in workdirs/seeds/summary.md (3 seeds, 40-50 minutes on 2 CPU cores).
+# Every seed-world metric per seed plus means in workdirs/seeds/summary.md (3 seeds one after another,
+# 35-40 minutes on 2 CPU cores).
 demo-seeds: $(BIN)/.installed
 	$(BIN)/python -m experiments.chatgpt --workdir=workdirs/seeds --seeds=0,1,2
 
