@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention import (CACHE_AXES, CACHE_LENGTH_AXIS, AttentionMasks, blocked_causal_attention,  # noqa: F401
-                              build_masks, cached_attention, materialise_mask, reference_attention,
-                              resolve_attention_impl)
+from gptjax.attention import (CACHE_AXES, AttentionMasks, blocked_causal_attention, build_masks, cached_attention,
+                              materialise_mask, reference_attention, resolve_attention_impl)
 from gptjax.errors import ConfigError, dataclass_from_dict
 from gptjax.matmuls import lm_logits, narrow_dot
 

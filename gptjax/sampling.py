@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import ConfigError
-from gptjax.model import CACHE_LENGTH_AXIS, GPT, init_cache, unstack_layers
+from gptjax.attention import CACHE_LENGTH_AXIS
+from gptjax.model import GPT, init_cache, unstack_layers
 
 Array = jax.Array
 
@@ -253,7 +254,7 @@ def make_sampler(model: GPT, cfg: SamplingConfig):
 
     The cache is allocated inside the program, so XLA updates it in place across the loop; nothing needs
     donating. On a mesh, pass sharded params and batch-sharded prompts; the model annotates the cache with
-    logical axes (model.CACHE_AXES) so it follows the batch/head sharding.
+    logical axes (attention.CACHE_AXES) so it follows the batch/head sharding.
     """
     return jax.jit(functools.partial(sample, model, cfg=cfg))
 
