@@ -179,6 +179,31 @@ def test_short_run_raises_programmatic_reward_with_bounded_kl(make_algo, tmp_pat
     assert (tmp_path / "checkpoints" / str(steps)).is_dir()
 
 
+_make_iteration = online.make_iteration
+
+
+def test_every_iteration_runs_the_programs_compiled_for_the_first(tmp_path, monkeypatch):
+    """The fresh state is laid out as the update returns it, so iteration 2 compiles nothing (a state whose scalars
+    were unplaced compiled the update and rollout programs twice)."""
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(_make_iteration(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(online, "make_iteration", recording)
+    model = GPT(CFG)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    prompts = [np.random.default_rng(i).integers(10, CFG.vocab_size, P).astype(np.int32) for i in range(16)]
+    algo = rloo.algorithm(rloo.RLOOConfig(k=4, rollout_batch_size=16, minibatch_size=16, epochs=1), model)
+    online.run_rl(_loop_config(3), str(tmp_path), algo=algo, policy_model=model, value_model=None,
+                  policy_params=params, value_params=None, reward=CountTarget(), prompts=prompts, pad_id=0,
+                  eos_id=None, mesh=sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    iteration = made[0]
+    assert (iteration.update._cache_size(), iteration.rollout._cache_size(), iteration.advantages._cache_size()) \
+        == (1, 1, 1)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: grpo.GRPOConfig(group_size=0), "grpo.group_size must be positive, got 0"),
     (lambda: grpo.GRPOConfig(kl_coef=-0.1), "grpo.kl_coef must be >= 0, got -0.1"),

@@ -33,6 +33,20 @@ def smoke(smoke_pipeline, smoke_results):
     return smoke_pipeline, chatgpt_config.get_config("smoke"), smoke_results
 
 
+def test_a_policy_placed_like_another_reuses_its_compiled_sampler(smoke):
+    workdir, cfg, _ = smoke
+    sft, tokenizer = pipeline._policy("sft", workdir)
+    world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": 0}))
+    evaluator = evaluation.StageEvaluator(tokenizer, max_new_tokens=4, seed=0)
+    questions = world.heldout_questions[:4]
+    first = evaluator.ask(sft, questions, 1.0).texts
+    host = evaluation.StageModel("copy", sft.model, pipeline.placed_like(jax.device_get(sft.params), sft.params),
+                                 sft.chat_format)
+    assert evaluator.ask(host, questions, 1.0).texts == first
+    engine = evaluator.engine(sft.model, 1.0, len(questions))
+    assert engine._sample._cache_size() == 1
+
+
 def test_pipeline_runs_every_stage_and_reports_gold_metrics(smoke):
     workdir, cfg, results = smoke
     for stage in ("pretrain", "sft", "reward", "ppo"):

@@ -257,18 +257,20 @@ def _restore_or_init(run: run_lib.RunContext, iteration: Iteration, policy_param
     # Copies: the update donates the state's buffers, while the reference keeps the initial policy's.
     copy = functools.partial(jax.tree.map, jnp.copy)
     state = iteration.init_state(copy(policy_params), copy(value_params), jnp.copy(jax.random.key_data(base_key)))
+    # The state's scalars (step, optimizer counts, KL coefficient, key) replicated over the mesh, as the jitted
+    # update returns them: left unplaced, the first iteration's update and rollout programs were compiled for them
+    # and compiled again for the second's (6 s of the demo's PPO); restored, one device would be refused.
+    replicated = sharding_lib.replicated(mesh)
+
+    def layout(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if isinstance(
+            sharding, jax.sharding.NamedSharding) else replicated)
+
+    abstract = jax.tree.map(layout, state)
+    state = jax.tree.map(lambda x, a: x if x.sharding == a.sharding else jax.device_put(x, a.sharding), state, abstract)
     latest = run.ckpt.latest_step()
     if latest is not None:
-        # Restored as the fresh state is laid out; its scalars (step, KL coefficient, key) replicated over the mesh,
-        # not committed to one device, which the mesh's jitted update would refuse.
-        replicated = sharding_lib.replicated(mesh)
-
-        def layout(x):
-            sharding = getattr(x, "sharding", None)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if isinstance(
-                sharding, jax.sharding.NamedSharding) else replicated)
-
-        abstract = jax.tree.map(layout, state)
         restored = run.ckpt.restore(latest, abstract)
         state = restored.state
         if ptx_iter is not None and restored.data_state is not None:
