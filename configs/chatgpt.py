@@ -5,7 +5,7 @@
 Sections: ``world`` (gptjax/seed_world/world.py SeedWorldConfig fields), one full stage config per stage
 (``pretrain``/``sft``/``reward``/``ppo``: the same configs experiments.train runs alone, their paths filled in
 by the pipeline), ``labels`` (sampling K answers per RM prompt for the simulated labeler) and ``eval``.
-Presets: ``demo`` (``make demo``, 12-15 minutes on an idle 2-core CPU by the hour, ~24 running two seeds at
+Presets: ``demo`` (``make demo``, 9-15 minutes on an idle 2-core CPU by CPU and hour, ~24 running two seeds at
 once; its numbers are in docs/results.md) and ``smoke`` (seconds, for tests).
 """
 
