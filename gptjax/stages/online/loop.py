@@ -261,16 +261,12 @@ def _restore_or_init(run: run_lib.RunContext, iteration: Iteration, policy_param
     # update returns them: left unplaced, the first iteration's update and rollout programs were compiled for them
     # and compiled again for the second's (6 s of the demo's PPO); restored, one device would be refused.
     replicated = sharding_lib.replicated(mesh)
-
-    def layout(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if isinstance(
-            sharding, jax.sharding.NamedSharding) else replicated)
-
-    abstract = jax.tree.map(layout, state)
-    state = jax.tree.map(lambda x, a: x if x.sharding == a.sharding else jax.device_put(x, a.sharding), state, abstract)
+    state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                         else jax.device_put(x, replicated), state)
     latest = run.ckpt.latest_step()
     if latest is not None:
+        # Restored as the fresh state is laid out.
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         restored = run.ckpt.restore(latest, abstract)
         state = restored.state
         if ptx_iter is not None and restored.data_state is not None:
