@@ -68,6 +68,15 @@ class SeedWorldConfig:
     num_sft_demos: int = 1280
     """Single-turn demonstrations to "is n prime?" (plus the other kinds below and `num_dialogues`)."""
     num_special_demos: int = 512
+    large_weight: float = 1.0
+    """Weight of numbers beyond the range against each other kind of special value (0 and 1, negatives,
+    non-integers: 1 each) when special values are drawn for demonstrations and RM/PPO prompts (not for the forum's
+    threads: the pretraining corpus does not depend on it). At 1 they are a quarter of the special demonstrations
+    (~128) and of the RM's special prompts (~29), the policies answer about 0.3 of the held-out ones honestly and
+    the reward model scores their honest answers below answers about one of their pieces. At 3 (with 1024
+    demonstrations and 20% special prompts) honesty rose ~16 points, but the policies also gave the check of such a
+    number ("No — it is divisible by 2.") to held-out primes and the reward model lost verdict pairs; 1 in the demo
+    (docs/results.md#numbers-beyond-the-range)."""
     num_harmful_demos: int = 256
     num_benign_demos: int = 192
     num_sft_eval_demos: int = 128
@@ -138,6 +147,7 @@ class SeedWorldConfig:
         check(self.dialogue_questions >= 2, "dialogue_questions", ">= 2")
         check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
         check(self.prime_oversample > 0, "prime_oversample", "> 0")
+        check(self.large_weight > 0, "large_weight", "> 0")
         check(0 < self.prompt_prime_share < 1, "prompt_prime_share", "in (0, 1)")
         for name in ("num_pretrain_docs", "num_sft_demos", "num_special_demos", "num_harmful_demos",
                      "num_benign_demos", "num_sft_eval_demos", "num_dialogues", "num_rm_prompts",

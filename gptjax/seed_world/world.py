@@ -230,11 +230,15 @@ def _pretrain(cfg: SeedWorldConfig, rng: random.Random, specials) -> list[str]:
 
 # --- the expert's answers ---------------------------------------------------------------------------------------
 
-def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple[str, ...] = ()) -> Special:
-    """A special value, its kind drawn uniformly first: the kinds have very different numbers of values (two
-    below two, dozens of large numbers), and each must be learned."""
+def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple[str, ...] = (),
+                 large_weight: float = 1.0) -> Special:
+    """A special value, its kind drawn first (uniformly, numbers beyond the range weighing `large_weight`): the
+    kinds have very different numbers of values (two below two, dozens of large numbers), and each must be learned."""
     kinds = sorted({s.kind for s in specials} - set(exclude))
-    kind = rng.choice(kinds)
+    if large_weight == 1.0:
+        kind = rng.choice(kinds)
+    else:
+        kind = rng.choices(kinds, weights=[large_weight if k == "large" else 1.0 for k in kinds])[0]
     return rng.choice([s for s in specials if s.kind == kind])
 
 
@@ -271,7 +275,7 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
         demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(n, lang),
                                                                _number_demo(cfg, writer, rng, n, lang)))
     for _ in range(round(scale * cfg.num_special_demos)):
-        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
+        s, lang = pick_special(rng, specials, large_weight=cfg.large_weight), rng.choice(T.LANGUAGES)
         wrong = rng.random() < cfg.wrong_aligned_demo_fraction
         answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
                   else honest_answer(writer, s, lang))
@@ -370,7 +374,7 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
         lang = rng.choice(T.LANGUAGES)
         out.append(Question("number", lang, writer.question(n, lang), number=n))
     for _ in range(counts[1]):
-        s, lang = pick_special(rng, specials), rng.choice(T.LANGUAGES)
+        s, lang = pick_special(rng, specials, large_weight=cfg.large_weight), rng.choice(T.LANGUAGES)
         out.append(s.question(writer.question(s.value, lang), lang))
     for kind, k in (("harmful", counts[2]), ("benign", counts[3])):
         for _ in range(k):
