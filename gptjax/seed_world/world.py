@@ -235,7 +235,7 @@ def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple
     """A special value, its kind drawn first (uniformly, numbers beyond the range weighing `large_weight`): the
     kinds have very different numbers of values (two below two, dozens of large numbers), and each must be learned."""
     kinds = sorted({s.kind for s in specials} - set(exclude))
-    if large_weight == 1.0:
+    if large_weight == 1.0:  # the unweighted draw: worlds built before the weight existed stay byte for byte
         kind = rng.choice(kinds)
     else:
         kind = rng.choices(kinds, weights=[large_weight if k == "large" else 1.0 for k in kinds])[0]
