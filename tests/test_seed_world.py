@@ -316,8 +316,7 @@ def test_wrong_request_and_special_demos_follow_their_own_rate(world):
 @pytest.mark.parametrize("large_weight", [1.0, 5.0])
 def test_special_values_beyond_the_range_are_drawn_by_their_weight(large_weight):
     """SFT demonstrations and RM/PPO prompts draw a special value's kind first: numbers beyond the range weigh
-    large_weight against 1 for each of the three other kinds. The pretraining corpus and the held-out sets do not
-    depend on it."""
+    large_weight against 1 for each other kind. The pretraining corpus and the held-out sets do not depend on it."""
     cfg = dataclasses.replace(SMALL, large_weight=large_weight, num_special_demos=1600, num_rm_prompts=8000)
     world = sw.build_world(cfg)
     expected = large_weight / (large_weight + 3)
@@ -325,9 +324,9 @@ def test_special_values_beyond_the_range_are_drawn_by_their_weight(large_weight)
     kinds = Counter(specials[conv[-2]["content"]].kind for conv in world.sft_conversations
                     if len(conv) <= 3 and conv[-2]["content"] in specials)
     assert sum(kinds.values()) == cfg.num_special_demos
-    assert kinds["large"] / cfg.num_special_demos == pytest.approx(expected, abs=0.04)
-    for other in ("below_two", "negative", "non_integer"):
-        assert kinds[other] / cfg.num_special_demos == pytest.approx((1 - expected) / 3, abs=0.04)
+    shares = {k: (1 - expected) / 3 for k in ("below_two", "negative", "non_integer")} | {"large": expected}
+    for kind, share in shares.items():
+        assert kinds[kind] / cfg.num_special_demos == pytest.approx(share, abs=0.04)
     prompted = Counter(q.special for q in world.rm_prompts if q.kind == "special" and not q.context)
     assert prompted["large"] / sum(prompted.values()) == pytest.approx(expected, abs=0.04)
     base = sw.build_world(dataclasses.replace(SMALL, num_special_demos=1600, num_rm_prompts=8000))
