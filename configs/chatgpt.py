@@ -129,6 +129,8 @@ def _ppo_config() -> ml_collections.ConfigDict:
 def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.pieces = 2048  # SentencePiece vocabulary of the world's tokenizer, whole numbers included
+    # Read every text with a leading space (tokenizers.train_sentencepiece(dummy_prefix=...)).
+    c.tokenizer.dummy_prefix = False
     c.labels = ml_collections.ConfigDict()
     c.labels.k = 4  # answers sampled from the SFT policy per RM prompt and ranked by the labeler (InstructGPT: 4..9)
     # The labeler also writes two answers per prompt (the expert's and a flawed one of the kind the prompt invites),

@@ -344,6 +344,7 @@ def train_sentencepiece(
     whole_numbers: int = 0,
     max_sentence_length: int = 16384,
     seed: int = 0,
+    dummy_prefix: bool = False,
 ) -> str:
     """Trains a SentencePiece model on local text and returns the path of `<model_prefix>.model`.
 
@@ -362,9 +363,13 @@ def train_sentencepiece(
       max_sentence_length: longer lines (in bytes) are skipped by the trainer.
       seed: SentencePiece's random seed. Training is single-threaded and deterministic: the same text and
         arguments give a byte-identical model.
+      dummy_prefix: every text (each training line, each encoded string) is read with one space before it, as
+        Llama's tokenizer reads it, so a word opening a text is the same piece as inside one ("Sorry, …" ->
+        " Sorry", not "S" + "orry"); decoding drops that space again. For text encoded piecewise, such as each chat
+        turn on its own, whose words the corpus only holds after a space.
 
-    The model round-trips any text exactly: identity normalisation (no NFKC: "？" stays full-width), no dummy
-    prefix and no whitespace collapsing, byte fallback for characters outside the vocabulary. SentencePiece's own
+    The model round-trips any text exactly: identity normalisation (no NFKC: "？" stays full-width), no whitespace
+    collapsing, no dummy prefix unless asked, byte fallback for characters outside the vocabulary. SentencePiece's own
     <s>/</s>/<pad> are disabled; gptjax's specials are appended after the pieces by SentencePieceTokenizer.
     """
     import sentencepiece as spm
@@ -391,7 +396,7 @@ def train_sentencepiece(
         character_coverage=character_coverage,
         byte_fallback=True,
         normalization_rule_name="identity",
-        add_dummy_prefix=False,
+        add_dummy_prefix=dummy_prefix,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         split_digits=split_digits and not whole_numbers,

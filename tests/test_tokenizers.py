@@ -230,6 +230,24 @@ def test_foreign_sentencepiece_model_decodes_like_sentencepiece(tmp_path):
     assert t.decode([t._sp.piece_to_id("</s>")]) == ""  # its own control pieces have no text
 
 
+def test_sentencepiece_dummy_prefix_spells_a_first_word_as_inside_a_text(tmp_path):
+    """With dummy_prefix a word that the corpus only holds after a space is one piece at the start of a text too (a
+    chat turn is encoded on its own), and decoding still gives back exactly the text."""
+    lines = [f"Q: question {i}\nA: Sorry, I can't help with that." for i in range(200)] + _training_lines()
+    plain = make_tokenizer("sentencepiece", train_sentencepiece(iter(lines), 600, tmp_path / "plain", model_type="bpe"))
+    spaced = make_tokenizer("sentencepiece", train_sentencepiece(iter(lines), 600, tmp_path / "spaced",
+                                                                 model_type="bpe", dummy_prefix=True))
+    mid = plain.encode("A: Sorry")[-1]
+    assert plain.decode([mid]) == " Sorry" and len(plain.encode("Sorry")) > 1  # no "Sorry" piece at a text's start
+    first = spaced.encode("Sorry, I can't help with that.")[0]
+    assert spaced._sp.id_to_piece(first) == "\u2581Sorry" and first == spaced.encode("A: Sorry")[-1]
+    for text in ["Sorry, I can't help with that.", " two  spaces ", "27 不是質數。", "x"] + TEXTS:
+        ids = spaced.encode(text)
+        assert spaced.decode(ids) == spaced._sp.decode(ids) == text
+        stream = StreamDecoder(spaced)
+        assert "".join(stream.feed(i) for i in ids) + stream.flush() == text
+
+
 def test_sentencepiece_training_deterministic(tmp_path, sp_model):
     lines = _training_lines()
     again = train_sentencepiece(iter(lines), vocab_size=600, model_prefix=tmp_path / "again")

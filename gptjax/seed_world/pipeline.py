@@ -123,7 +123,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     t0 = time.time()
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
     files = world_lib.write_jsonl(world, os.path.join(workdir, "world"))
-    tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces))
+    tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces),
+                                               bool(cfg.tokenizer.dummy_prefix))
     # Tokens the pretraining corpus never contains (the chat role tokens, byte pieces, and BPE's intermediate pieces,
     # which the corpus always spells merged): fine-tuning stages that freeze the token embedding still train their
     # rows (optim.trainable_token_ids).

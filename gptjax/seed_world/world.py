@@ -484,7 +484,7 @@ def _check_no_leak(world: SeedWorld, heldout: frozenset[int]) -> None:
     del phrasings
 
 
-def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int) -> str:
+def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_prefix: bool = False) -> str:
     """The world's tokenizer, trained once into OUT_DIR/tokenizer.model: SentencePiece BPE of `pieces` pieces over the
     pretraining corpus; numbers as `config.number_tokens` says (by default every integer 0..max_number a piece of
     its own, numbers beyond read as several).
@@ -493,13 +493,14 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int) -> str:
     the pretraining run, as they were. Post-training text is spelled in its pieces; characters the corpus never holds
     fall back to bytes, and some words come out as BPE's intermediate pieces, which the corpus always spells merged
     ("orry" of "Sorry"): those rows, like the bytes', pretraining never trains (fine-tuning does:
-    optim.trainable_token_ids)."""
+    optim.trainable_token_ids). With `dummy_prefix` (train_sentencepiece) an answer's first word is the piece the
+    corpus spells after a space."""
     path = Path(out_dir) / "tokenizer.model"
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # never a half-written model at the final path
             whole = world.config.max_number + 1 if world.config.number_tokens == "whole" else 0  # else digits
             trained = train_sentencepiece(iter(world.pretrain_texts), pieces, os.path.join(tmp, "tokenizer"),
-                                          model_type="bpe", whole_numbers=whole)
+                                          model_type="bpe", whole_numbers=whole, dummy_prefix=dummy_prefix)
             os.replace(trained, path)
     return str(path)
 
