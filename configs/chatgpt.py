@@ -92,7 +92,7 @@ def _reward_config() -> ml_collections.ConfigDict:
     # the last 50 steps) and the reward model lost paired tests it passes at 300 (three seeds: verdict-only pairs
     # on training primes 0.94 -> 1.00, held-out answer vs over-refusal 0.84 -> 0.90); PPO on it answered held-out
     # questions better (sampled 0.766 -> 0.785, "27" 0.73 -> 0.83 of 16 samples). At 450 the held-out rankings'
-    # loss rose (0.23 -> 0.33 seed 0) and PPO gained nothing more (docs/results.md, "The reward model's steps").
+    # loss rose (0.29 -> 0.34, three seeds) and PPO gained nothing more (docs/results.md, "The reward model's steps").
     r.train.steps = 300
     r.optim.lr = 3e-4
     r.optim.warmup_steps = 10
