@@ -129,7 +129,10 @@ def _ppo_config() -> ml_collections.ConfigDict:
 def _labels_and_eval(c: ml_collections.ConfigDict) -> None:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.pieces = 2048  # SentencePiece vocabulary of the world's tokenizer, whole numbers included
-    # Read every text with a leading space (tokenizers.train_sentencepiece(dummy_prefix=...)).
+    # With dummy_prefix every text is read with one leading space (tokenizers.train_sentencepiece), so an answer's
+    # first word is the piece the corpus spells after a space ("Sorry", not "S" + "orry"). Three seeds with it: SFT
+    # stays on the asked number more often (off topic 0.17 -> 0.11), but PPO lowered honesty and dialogue turns and
+    # raised over-refusal (docs/results.md, "Answers that open with a corpus piece"). Off in the demo.
     c.tokenizer.dummy_prefix = False
     c.labels = ml_collections.ConfigDict()
     c.labels.k = 4  # answers sampled from the SFT policy per RM prompt and ranked by the labeler (InstructGPT: 4..9)
