@@ -270,3 +270,17 @@ def test_pipeline_stops_after_the_reward_model_when_asked(smoke, monkeypatch):
     assert os.path.getmtime(report) == before
     with pytest.raises(ValueError, match="valid stop points"):
         pipeline.run_pipeline(cfg, workdir, through="ppo")
+
+
+def test_a_rerun_with_another_tokenizer_is_refused_before_anything_is_written(smoke):
+    """The finished stages name the tokenizer only by path: a re-run that would train another one is refused
+    (gptjax/seed_world/provenance.py) with the artifacts it reaches, and the workdir is left as it was."""
+    workdir, cfg, _ = smoke
+    changed = cfg.copy_and_resolve_references()
+    changed.tokenizer.pieces = int(cfg.tokenizer.pieces) + 64
+    watched = [os.path.join(workdir, p) for p in ("results.json", "inputs.json", "world/pretrain.jsonl",
+                                                   "world/tokenizer.model")]
+    before = [os.path.getmtime(p) for p in watched]
+    with pytest.raises(ConfigError, match=r"(?s)tokenizer.pieces: \d+ -> \d+.*  ppo \(ppo\).*rm -r "):
+        pipeline.run_pipeline(changed, workdir)
+    assert [os.path.getmtime(p) for p in watched] == before

@@ -2,7 +2,7 @@
 
 Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one, exactly
 as ``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline resumes or skips
-finished stages. The world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out
+finished stages, after checking that nothing it would reuse was built from other inputs (``provenance``). The world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out
 questions and the gold oracle; its tokenizer is trained on the pretraining corpus first (every number 0..max_number a
 token of its own). ``evaluation`` asks every trained policy the held-out questions and tests the reward model;
 ``tables`` formats the results.
@@ -20,7 +20,7 @@ import ml_collections
 from gptjax import sharding
 from gptjax.data.packing import tokens_absent_from
 from gptjax.model import ScoreModel
-from gptjax.seed_world import evaluation, labels
+from gptjax.seed_world import evaluation, labels, provenance
 from gptjax.seed_world import world as world_lib
 from gptjax.seed_world.config import SeedWorldConfig
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
@@ -122,7 +122,12 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     workdir = os.path.abspath(workdir)
     t0 = time.time()
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
-    files = world_lib.write_jsonl(world, os.path.join(workdir, "world"))
+    records = world_lib.world_records(world)
+    # Before anything is written: a workdir holding a tokenizer, stage run or rankings built from other inputs is
+    # refused (their configs name the world's files only by path).
+    provenance.check_and_record(workdir, provenance.artifact_inputs(
+        cfg, {name: provenance.records_digest(r) for name, r in records.items()}))
+    files = world_lib.write_jsonl(world, os.path.join(workdir, "world"), records)
     tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces),
                                                bool(cfg.tokenizer.dummy_prefix))
     # Tokens the pretraining corpus never contains (the chat role tokens, byte pieces, and BPE's intermediate pieces,

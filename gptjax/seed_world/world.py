@@ -505,12 +505,10 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_pr
     return str(path)
 
 
-def write_jsonl(world: SeedWorld, out_dir: str | Path) -> dict[str, Path]:
-    """Writes the world in the post-training JSONL formats (gptjax/data/post_training.py): pretrain ({"text"}),
-    sft_train / sft_eval ({"messages"}), rm_prompts / ppo_prompts / heldout* ({"prompt", "meta"}), config.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
+def world_records(world: SeedWorld) -> dict[str, list[dict]]:
+    """{file name: records} of the world in the post-training JSONL formats (gptjax/data/post_training.py): pretrain
+    ({"text"}), sft_train / sft_eval ({"messages"}), rm_prompts / ppo_prompts / heldout* ({"prompt", "meta"})."""
+    return {
         "pretrain": [{"text": t} for t in world.pretrain_texts],
         "sft_train": [{"messages": c} for c in world.sft_conversations],
         "sft_eval": [{"messages": c} for c in world.sft_eval_conversations],
@@ -518,11 +516,18 @@ def write_jsonl(world: SeedWorld, out_dir: str | Path) -> dict[str, Path]:
         "ppo_prompts": [q.to_record() for q in world.ppo_prompts],
         "heldout": [q.to_record() for q in world.heldout_questions + world.heldout_specials + world.heldout_requests],
     }
+
+
+def write_jsonl(world: SeedWorld, out_dir: str | Path,
+                records: dict[str, list[dict]] | None = None) -> dict[str, Path]:
+    """Writes world_records (``records`` if given: the same, already built) as OUT_DIR/<name>.jsonl, and config.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, records in files.items():
+    for name, file_records in (records or world_records(world)).items():
         paths[name] = out / f"{name}.jsonl"
         with paths[name].open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in file_records)
     paths["config"] = out / "config.json"
     paths["config"].write_text(json.dumps(dataclasses.asdict(world.config), indent=2) + "\n")
     return paths
