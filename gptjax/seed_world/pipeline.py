@@ -1,11 +1,12 @@
 """The whole recipe on the seed world: pretrain → SFT → sample & label → reward model → PPO, then the gold tables.
 
-Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one, exactly
-as ``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline resumes or skips
-finished stages, after checking that nothing it would reuse was built from other inputs (``provenance``). The world (gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out
-questions and the gold oracle; its tokenizer is trained on the pretraining corpus first (every number 0..max_number a
-token of its own). ``evaluation`` asks every trained policy the held-out questions and tests the reward model;
-``tables`` formats the results.
+Each stage is an ordinary run in its own workdir (``WORKDIR/<stage>``), initialised from the previous one, exactly as
+``experiments.train`` would run it alone (the stage registry's runner); re-running the pipeline resumes or skips
+finished stages, after checking that nothing it would reuse was built from other inputs (``provenance``). The world
+(gptjax/seed_world/world.py) supplies the corpus, demonstrations, prompts, held-out questions and the gold oracle;
+its tokenizer is trained on the pretraining corpus first (every number 0..max_number a token of its own).
+``evaluation`` asks every trained policy the held-out questions and tests the reward model; ``tables`` formats the
+results.
 """
 
 from __future__ import annotations
