@@ -17,9 +17,8 @@ from gptjax.seed_world import provenance
 FILES = ("pretrain", "sft_train", "sft_eval", "rm_prompts", "ppo_prompts", "heldout")
 
 
-def _digests(**changed_records) -> dict:
-    return {name: provenance.records_digest(changed_records.get(name, [{"text": f"{name} record"}]))
-            for name in FILES}
+def _digests(**changed_files) -> dict:
+    return {name: provenance.text_digest(changed_files.get(name, f'{{"text": "{name} record"}}\n')) for name in FILES}
 
 
 def _hold(workdir, *artifacts):
@@ -73,10 +72,10 @@ def test_a_change_refuses_the_artifacts_it_reaches_and_names_what_changed(cfg, t
     assert _refused(workdir, cfg, _digests()) == everything
     cfg.tokenizer.dummy_prefix = not cfg.tokenizer.dummy_prefix
 
-    assert _refused(workdir, cfg, _digests(pretrain=[{"text": "another corpus"}])) == everything
-    assert _refused(workdir, cfg, _digests(sft_train=[{"messages": []}])) == {"sft", "labels", "reward", "ppo"}
-    assert _refused(workdir, cfg, _digests(rm_prompts=[{"prompt": "?"}])) == {"labels", "reward", "ppo"}
-    assert _refused(workdir, cfg, _digests(ppo_prompts=[{"prompt": "?"}])) == {"ppo"}
+    assert _refused(workdir, cfg, _digests(pretrain='{"text": "another corpus"}\n')) == everything
+    assert _refused(workdir, cfg, _digests(sft_train='{"messages": []}\n')) == {"sft", "labels", "reward", "ppo"}
+    assert _refused(workdir, cfg, _digests(rm_prompts='{"prompt": "?"}\n')) == {"labels", "reward", "ppo"}
+    assert _refused(workdir, cfg, _digests(ppo_prompts='{"prompt": "?"}\n')) == {"ppo"}
 
     cfg.labels.k = int(cfg.labels.k) + 2
     with pytest.raises(ConfigError) as err:

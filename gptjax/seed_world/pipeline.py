@@ -123,12 +123,12 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     workdir = os.path.abspath(workdir)
     t0 = time.time()
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
-    records = world_lib.world_records(world)
+    texts = world_lib.world_files(world)
     # Before anything is written: a workdir holding a tokenizer, stage run or rankings built from other inputs is
     # refused (their configs name the world's files only by path).
     provenance.check_and_record(workdir, provenance.artifact_inputs(
-        cfg, {name: provenance.records_digest(r) for name, r in records.items()}))
-    files = world_lib.write_jsonl(world, os.path.join(workdir, "world"), records)
+        cfg, {name: provenance.text_digest(text) for name, text in texts.items()}))
+    files = world_lib.write_jsonl(world, os.path.join(workdir, "world"), texts)
     tokenizer_path = world_lib.train_tokenizer(world, os.path.join(workdir, "world"), int(cfg.tokenizer.pieces),
                                                bool(cfg.tokenizer.dummy_prefix))
     # Tokens the pretraining corpus never contains (the chat role tokens, byte pieces, and BPE's intermediate pieces,

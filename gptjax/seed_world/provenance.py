@@ -10,7 +10,7 @@ pipeline settings it is made with, and the keys of the artifacts it builds on â€
 anything is written, with one error naming each such artifact, what changed, and the fix (a fresh ``--workdir``,
 or deleting the listed paths to rebuild them). An artifact the workdir does not hold is built from the new inputs.
 
-Digests are of the world's records as the pipeline writes them (``world.world_records``), so a setting changes an
+Digests are of the world's files as the pipeline writes them (``world.world_files``), so a setting changes an
 artifact's key only when it changes what that artifact reads: more PPO prompts leave the tokenizer, pretraining, SFT,
 the rankings and the reward model as they are. A workdir written before this record existed is taken as it is (there
 is nothing to check it against) and recorded.
@@ -27,6 +27,7 @@ from absl import logging
 
 from gptjax import paths
 from gptjax.errors import ConfigError
+from gptjax.train import workdir as workdir_lib
 
 RECORD_FILE = "inputs.json"
 
@@ -42,12 +43,9 @@ ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def records_digest(records: list) -> str:
-    """sha256 of records serialised as the pipeline writes them (one JSON object per line)."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    return h.hexdigest()[:16]
+def text_digest(text: str) -> str:
+    """sha256 (first 16 hex digits) of a world file's text (world.world_files)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _own_inputs(cfg, digests: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -72,7 +70,7 @@ def _own_inputs(cfg, digests: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 
 def artifact_inputs(cfg, digests: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """{artifact: {input: value}} for the pipeline config ``cfg`` and the world files' ``digests``
-    ({name: records_digest}); an upstream artifact's key is the input ``built_on:<name>``."""
+    ({name: text_digest}); an upstream artifact's key is the input ``built_on:<name>``."""
     own = _own_inputs(cfg, digests)
     out: dict[str, dict[str, Any]] = {}
     for name, (_, upstream) in ARTIFACTS.items():  # upstream before downstream
@@ -88,12 +86,13 @@ def _present(workdir: str, name: str) -> bool:
     return all(os.path.exists(os.path.join(workdir, p)) for p in ARTIFACTS[name][0])
 
 
+def _changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    return workdir_lib.config_diff(stored, new, ignore=())
+
+
 def _why(stored: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     reasons = []
-    for field in sorted(set(stored) | set(new)):
-        old, now = stored.get(field, "<absent>"), new.get(field, "<absent>")
-        if old == now:
-            continue
+    for field, old, now in _changes(stored, new):
         if field.startswith("built_on:"):
             reasons.append(f"the {field.split(':', 1)[1]} artifact it builds on changes")
         elif field.startswith("file:"):
@@ -120,7 +119,7 @@ def check_and_record(workdir: str, inputs: Mapping[str, Mapping[str, Any]]) -> N
         logging.info("%s holds runs but no %s (written before it existed): recording this config's inputs "
                      "without checking them.", workdir, RECORD_FILE)
     stale = [name for name in ARTIFACTS
-             if name in stored and _present(workdir, name) and stored[name] != dict(inputs[name])]
+             if name in stored and _present(workdir, name) and _changes(stored[name], inputs[name])]
     if stale:
         lines = "\n".join(f"  {name} ({', '.join(ARTIFACTS[name][0])}): {_why(stored[name], inputs[name])}"
                           for name in stale)

@@ -505,10 +505,10 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_pr
     return str(path)
 
 
-def world_records(world: SeedWorld) -> dict[str, list[dict]]:
-    """{file name: records} of the world in the post-training JSONL formats (gptjax/data/post_training.py): pretrain
+def world_files(world: SeedWorld) -> dict[str, str]:
+    """{file name: JSONL text} of the world in the post-training formats (gptjax/data/post_training.py): pretrain
     ({"text"}), sft_train / sft_eval ({"messages"}), rm_prompts / ppo_prompts / heldout* ({"prompt", "meta"})."""
-    return {
+    records = {
         "pretrain": [{"text": t} for t in world.pretrain_texts],
         "sft_train": [{"messages": c} for c in world.sft_conversations],
         "sft_eval": [{"messages": c} for c in world.sft_eval_conversations],
@@ -516,18 +516,17 @@ def world_records(world: SeedWorld) -> dict[str, list[dict]]:
         "ppo_prompts": [q.to_record() for q in world.ppo_prompts],
         "heldout": [q.to_record() for q in world.heldout_questions + world.heldout_specials + world.heldout_requests],
     }
+    return {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs) for name, rs in records.items()}
 
 
-def write_jsonl(world: SeedWorld, out_dir: str | Path,
-                records: dict[str, list[dict]] | None = None) -> dict[str, Path]:
-    """Writes world_records (``records`` if given: the same, already built) as OUT_DIR/<name>.jsonl, and config.json."""
+def write_jsonl(world: SeedWorld, out_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, Path]:
+    """Writes world_files (``files`` if given: the same, already built) as OUT_DIR/<name>.jsonl, and config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, file_records in (records or world_records(world)).items():
+    for name, text in (files or world_files(world)).items():
         paths[name] = out / f"{name}.jsonl"
-        with paths[name].open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in file_records)
+        paths[name].write_text(text, encoding="utf-8")
     paths["config"] = out / "config.json"
     paths["config"].write_text(json.dumps(dataclasses.asdict(world.config), indent=2) + "\n")
     return paths
