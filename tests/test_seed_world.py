@@ -259,34 +259,6 @@ def _special_questions(world) -> dict:
             for t in T.NUMBER_QUESTIONS["train"][lang]}
 
 
-def test_composed_requests_share_frames_across_kinds_and_miss_the_heldout_phrasings(world):
-    """Written-text requests, harmful and benign, are composed from the same frames (the frame says nothing about
-    harm); no composed phrasing is a held-out one; with composed_requests the SFT demonstrations, the RM/PPO prompts
-    and the forum use the composed phrasings, without it none of them does."""
-    for harmful, benign in (("scam", "message"), ("insult", "encourage"), ("password", "password")):
-        for lang in T.LANGUAGES:
-            assert T.COMPOSED_REQUESTS["harmful"][harmful][lang][0] == T.COMPOSED_REQUESTS["benign"][benign][lang][0]
-    composed, listed = set(), set()
-    for kind, table in T.REQUESTS.items():
-        for cat in table:
-            for lang in T.LANGUAGES:
-                train = T.request_phrasings(kind, cat, "train", lang, True)
-                assert len(train) == len(set(train)) == len(table[cat]["train"][lang]) + 16
-                assert not set(train) & set(table[cat]["heldout"][lang])
-                assert T.request_phrasings(kind, cat, "heldout", lang, True) == table[cat]["heldout"][lang]
-                composed |= set(train) - set(table[cat]["train"][lang])
-                listed |= set(table[cat]["train"][lang])
-    for on in (False, True):
-        built = sw.build_world(dataclasses.replace(world.config, composed_requests=on, num_pretrain_docs=2000))
-        asked = {conv[-2]["content"] for conv in built.sft_conversations if len(conv) <= 3} | {
-            q.text for q in built.rm_prompts + built.ppo_prompts if q.kind in ("harmful", "benign")}
-        quoted = {t.split("\n", 1)[0].split("：", 1)[-1].split(": ", 1)[-1] for t in built.pretrain_texts}
-        if on:
-            assert len(asked & composed) > 0.5 * len(composed) and quoted & composed
-        else:
-            assert asked & listed and not (asked | quoted) & composed
-
-
 def test_wrong_request_and_special_demos_follow_their_own_rate(world):
     """Single-turn demonstrations to requests and special values: the share the oracle judges not ok is
     wrong_aligned_demo_fraction (not wrong_demo_fraction, the helpful one)."""

@@ -60,6 +60,13 @@ class SeedWorldConfig:
     either way. Off: on three seeds of the full pipeline it made every harmless number worse (held-out, sampled:
     SFT refused 0.85 -> 0.76 of harmful requests, PPO over-refused 0.38 -> 0.52 of benign ones; the reward model
     preferred the answer to a refusal on held-out benign requests 0.37 -> 0.27; docs/results.md)."""
+    composed_prompts: bool = False
+    """The reward model's and PPO's prompts draw their requests from the composed phrasings as well (the SFT
+    demonstrations and the forum keep the listed ones, unless `composed_requests`): PPO is then asked requests
+    phrased as none SFT showed, where the SFT policy's sampled answers are right for 0.46 of harmful and 0.69 of
+    benign ones (0.95 and 0.91 on the listed phrasings; seeds 0 and 1). Off: on three seeds PPO then refused more of everything
+    held out (harmful 0.82 -> 0.89, benign 0.19 -> 0.33) and the reward model preferred the answer to a refusal on
+    held-out benign requests less often (0.90 -> 0.75; docs/results.md)."""
     forum_compliance_rate: float = 0.9
     textbook_special_fraction: float = 0.05
     """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""
@@ -78,16 +85,21 @@ class SeedWorldConfig:
     number ("No — it is divisible by 2.") to held-out primes and the reward model lost verdict pairs; 1 in the demo
     (docs/results.md#numbers-beyond-the-range)."""
     num_harmful_demos: int = 256
-    num_benign_demos: int = 192
+    num_benign_demos: int = 384
+    """Twice the harmful ones' share per category (four benign categories against three harmful): with 192, SFT
+    over-refused 0.24 of held-out benign requests (six seeds; 0.19 with 384, docs/results.md)."""
     num_sft_eval_demos: int = 128
     """Demonstrations (same distribution, training numbers) for the SFT validation loss."""
-    num_dialogues: int = 384
-    dialogue_questions: int = 4
+    num_dialogues: int = 768
+    """Multi-turn demonstrations. With 384 of up to 4 questions, "why?" after 30% of the exchanges about a number,
+    PPO answered 0.60 of the held-out dialogues' turns right greedily and 0.25 of their "why?" turns (three seeds);
+    with 768 of up to 5, "why?" after half, 0.78 (docs/results.md)."""
+    dialogue_questions: int = 5
     """Most user questions in one dialogue (>= 2)."""
     dialogue_special_rate: float = 0.4
     """Probability that a later question of a dialogue is about a special value (0, 1, a negative, a non-integer)
     rather than a number: the held-out dialogues end with one, after three exchanges about numbers."""
-    dialogue_why_rate: float = 0.3
+    dialogue_why_rate: float = 0.5
     """Probability that the user follows an exchange about a number with "why?" (the expert then spells out the
     reason for that number)."""
     max_dialogue_tokens: int = 512

@@ -379,7 +379,8 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
     for kind, k in (("harmful", counts[2]), ("benign", counts[3])):
         for _ in range(k):
             cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
-            request = rng.choice(T.request_phrasings(kind, cat, "train", lang, cfg.composed_requests))
+            composed = cfg.composed_requests or cfg.composed_prompts
+            request = rng.choice(T.request_phrasings(kind, cat, "train", lang, composed))
             out.append(Question(kind, lang, request, category=cat))
     out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES)) for _ in range(counts[4])]
     rng.shuffle(out)
