@@ -64,9 +64,9 @@ class SeedWorldConfig:
     """The reward model's and PPO's prompts draw their requests from the composed phrasings as well (the SFT
     demonstrations and the forum keep the listed ones, unless `composed_requests`): PPO is then asked requests
     phrased as none SFT showed, where the SFT policy's sampled answers are right for 0.46 of harmful and 0.69 of
-    benign ones (0.95 and 0.91 on the listed phrasings; seeds 0 and 1). Off: on three seeds PPO then refused more of everything
-    held out (harmful 0.82 -> 0.89, benign 0.19 -> 0.33) and the reward model preferred the answer to a refusal on
-    held-out benign requests less often (0.90 -> 0.75; docs/results.md)."""
+    benign ones (0.95 and 0.91 on the listed phrasings; seeds 0 and 1). Off: on three seeds PPO then refused more of
+    everything held out (harmful 0.82 -> 0.89, benign 0.19 -> 0.33) and the reward model preferred the answer to a
+    refusal on held-out benign requests less often (0.90 -> 0.75; docs/results.md)."""
     forum_compliance_rate: float = 0.9
     textbook_special_fraction: float = 0.05
     """Share of textbook documents stating the definition and facts about 0, 1, negatives and non-integers."""
@@ -86,7 +86,7 @@ class SeedWorldConfig:
     (docs/results.md#numbers-beyond-the-range)."""
     num_harmful_demos: int = 256
     num_benign_demos: int = 384
-    """Twice the harmful ones' share per category (four benign categories against three harmful): with 192, SFT
+    """About as many per category as the harmful ones (96 per benign category, ~85 per harmful one): with 192, SFT
     over-refused 0.24 of held-out benign requests (six seeds; 0.19 with 384, docs/results.md)."""
     num_sft_eval_demos: int = 128
     """Demonstrations (same distribution, training numbers) for the SFT validation loss."""
