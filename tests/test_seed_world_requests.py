@@ -1,8 +1,6 @@
 """Request phrasings of the seed world: the listed ones and the composed ones (templates.COMPOSED_REQUESTS), and
 which texts each setting puts them in (SFT demonstrations, RM/PPO prompts, the forum)."""
 
-import dataclasses
-
 import pytest
 
 from gptjax.seed_world import templates as T
