@@ -376,10 +376,10 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
     for _ in range(counts[1]):
         s, lang = pick_special(rng, specials, large_weight=cfg.large_weight), rng.choice(T.LANGUAGES)
         out.append(s.question(writer.question(s.value, lang), lang))
+    composed = cfg.composed_requests or cfg.composed_prompts
     for kind, k in (("harmful", counts[2]), ("benign", counts[3])):
         for _ in range(k):
             cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
-            composed = cfg.composed_requests or cfg.composed_prompts
             request = rng.choice(T.request_phrasings(kind, cat, "train", lang, composed))
             out.append(Question(kind, lang, request, category=cat))
     out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES)) for _ in range(counts[4])]
