@@ -20,6 +20,7 @@ same incrementally for streaming chat output.
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -265,6 +266,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = str(path)
+        self.long_numbers = _read_number_options(self.path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(
                 f"SentencePiece model {self.path} not found; train one on local text with "
@@ -281,6 +283,13 @@ class SentencePieceTokenizer(Tokenizer):
         self._piece_bytes = [self._bytes_of_piece(i) for i in range(n)]
         probe = self._sp.encode("a", out_type=str)
         self._drops_leading_space = bool(probe) and probe[0].startswith("\u2581")
+        # Pieces that are a run of digits (the whole-number symbols), and the id of each single digit.
+        digit_runs = {i: b for i, b in enumerate(self._piece_bytes) if b.isdigit() and not self._sp.is_byte(i)}
+        self._digit_run_ids = frozenset(digit_runs)
+        self._digit_id = {b.decode(): i for i, b in digit_runs.items() if len(b) == 1}
+        if self.long_numbers == "digits" and len(self._digit_id) < 10:
+            raise ValueError(f"{self.path}: long_numbers='digits' needs a piece for each digit 0-9; this model has "
+                             f"{sorted(self._digit_id)}")
 
     def _bytes_of_piece(self, i: int) -> bytes:
         sp = self._sp
@@ -294,7 +303,24 @@ class SentencePieceTokenizer(Tokenizer):
         return piece.replace("\u2581", " ").encode("utf-8")
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(self._check_text(text))
+        ids = self._sp.encode(self._check_text(text))
+        return self._spell_long_numbers(ids) if self.long_numbers == "digits" else ids
+
+    def _spell_long_numbers(self, ids: list[int]) -> list[int]:
+        """A number SentencePiece wrote as several whole-number pieces ("4738" -> "47" "38"), digit by digit."""
+        out, run = [], []
+        for i in ids + [-1]:
+            if i in self._digit_run_ids:
+                run.append(i)
+                continue
+            if len(run) > 1:
+                out += [self._digit_id[ch] for ch in self._token_bytes(run).decode("ascii")]
+            else:
+                out += run
+            run = []
+            if i >= 0:
+                out.append(i)
+        return out
 
     def _token_bytes(self, ids: list[int]) -> bytes:
         return b"".join(self._piece_bytes[i] for i in ids)
@@ -304,6 +330,28 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __setstate__(self, state):
         self.__init__(state["path"])
+
+
+LONG_NUMBERS = ("pieces", "digits")
+
+
+def _options_path(model_path: str) -> str:
+    return model_path + ".json"
+
+
+def _read_number_options(model_path: str) -> str:
+    """How numbers longer than a whole-number piece are spelled, from the JSON file beside the model (written by
+    `train_sentencepiece`; no file: "pieces", SentencePiece's own greedy segmentation)."""
+    options_path = _options_path(model_path)
+    if not os.path.isfile(options_path):
+        return "pieces"
+    with open(options_path, encoding="utf-8") as f:
+        options = json.load(f)
+    long_numbers = options.get("long_numbers") if isinstance(options, dict) else None
+    if long_numbers not in LONG_NUMBERS or set(options) != {"long_numbers"}:
+        raise ValueError(f"{options_path}: expected {{\"long_numbers\": one of {LONG_NUMBERS}}}, got {options!r}; "
+                         "rewrite it or delete it (the model then spells numbers as SentencePiece segments them)")
+    return long_numbers
 
 
 def _text_lines(source) -> Iterator[str]:
@@ -342,6 +390,7 @@ def train_sentencepiece(
     character_coverage: float = 1.0,
     split_digits: bool = True,
     whole_numbers: int = 0,
+    long_numbers: str = "pieces",
     max_sentence_length: int = 16384,
     seed: int = 0,
     dummy_prefix: bool = False,
@@ -360,6 +409,9 @@ def train_sentencepiece(
         greedily from the left, so a larger number reads as several such pieces ("4738" -> "47", "38" with 200),
         as GPT-4's tokenizer reads numbers in 1-3 digit chunks; overrides split_digits. For a corpus about a known
         range of numbers (the seed world): each number's facts attach to one symbol the model can copy whole.
+      long_numbers: with whole_numbers, how a number of several such pieces is spelled: "pieces" (as above) or
+        "digits" ("4738" -> "4" "7" "3" "8": its last digit is a token of its own, and none of its pieces reads as
+        a number in range). Recorded in `<model>.json` beside the model, which SentencePieceTokenizer reads.
       max_sentence_length: longer lines (in bytes) are skipped by the trainer.
       seed: SentencePiece's random seed. Training is single-threaded and deterministic: the same text and
         arguments give a byte-identical model.
@@ -374,13 +426,7 @@ def train_sentencepiece(
     """
     import sentencepiece as spm
 
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"train_sentencepiece: model_type {model_type!r} not in ('unigram', 'bpe')")
-    if vocab_size <= 257 + whole_numbers:
-        raise ValueError(f"train_sentencepiece: vocab_size {vocab_size} must exceed the 256 byte pieces + <unk>"
-                         + (f" + {whole_numbers} whole numbers" if whole_numbers else ""))
-    if whole_numbers < 0:
-        raise ValueError(f"train_sentencepiece: whole_numbers must be >= 0, got {whole_numbers}")
+    _check_training_args(model_type, vocab_size, whole_numbers, long_numbers)
     lines = [line for line in _text_lines(text_files_or_iterator) if line.strip()]
     if not lines:
         raise ValueError("train_sentencepiece: the training text is empty")
@@ -409,7 +455,23 @@ def train_sentencepiece(
         num_threads=1,
         minloglevel=2,
     )
+    if long_numbers != "pieces":
+        with open(_options_path(prefix + ".model"), "w", encoding="utf-8") as f:
+            json.dump({"long_numbers": long_numbers}, f)
     return prefix + ".model"
+
+
+def _check_training_args(model_type: str, vocab_size: int, whole_numbers: int, long_numbers: str) -> None:
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"train_sentencepiece: model_type {model_type!r} not in ('unigram', 'bpe')")
+    if vocab_size <= 257 + whole_numbers:
+        raise ValueError(f"train_sentencepiece: vocab_size {vocab_size} must exceed the 256 byte pieces + <unk>"
+                         + (f" + {whole_numbers} whole numbers" if whole_numbers else ""))
+    if whole_numbers < 0:
+        raise ValueError(f"train_sentencepiece: whole_numbers must be >= 0, got {whole_numbers}")
+    if long_numbers not in LONG_NUMBERS or (long_numbers == "digits" and whole_numbers < 10):
+        raise ValueError(f"train_sentencepiece: long_numbers {long_numbers!r} must be one of {LONG_NUMBERS}, "
+                         "and 'digits' needs whole_numbers >= 10")
 
 
 def make_tokenizer(kind: str, path: str | os.PathLike | None = None) -> Tokenizer:

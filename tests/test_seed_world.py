@@ -11,6 +11,7 @@ import random
 import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,11 +365,19 @@ def test_world_tokenizer_gives_every_number_one_token(tmp_path):
     assert sw.number_pieces("4738", 199) == ["47", "38"] and sw.number_pieces("1005", 199) == ["100", "5"]
 
 
-def test_world_tokenizer_can_spell_numbers_digit_by_digit(tmp_path):
-    world = sw.build_world(dataclasses.replace(SMALL, num_pretrain_docs=500, number_tokens="digits"))
+@pytest.mark.parametrize("spelling", ["digits", "whole_in_range"])
+def test_world_tokenizer_can_spell_numbers_digit_by_digit(tmp_path, spelling):
+    world = sw.build_world(dataclasses.replace(SMALL, num_pretrain_docs=500, number_tokens=spelling))
     tok = make_tokenizer("sentencepiece", sw.train_tokenizer(world, tmp_path, 1024))
-    for n in (0, 7, 27, 91, 199, 4738):
-        assert [tok.decode([i]) for i in tok.encode(str(n))] == list(str(n)), n
+    for n in (0, 7, 27, 91, 199, 200, 4738):
+        whole = spelling == "whole_in_range" and n <= world.config.max_number
+        expected = [str(n)] if whole else list(str(n))
+        assert [tok.decode([i]) for i in tok.encode(str(n))] == expected == sw.number_pieces(str(n), 199, spelling)
+    if spelling == "whole_in_range":  # retrained in greedy pieces (the model deleted), the spelling file goes too
+        Path(tok.path).unlink()
+        world = sw.build_world(dataclasses.replace(world.config, number_tokens="whole"))
+        again = make_tokenizer("sentencepiece", sw.train_tokenizer(world, tmp_path, 1024))
+        assert [again.decode([i]) for i in again.encode("4738")] == ["47", "38"]
     for text in ("27 不是質數，因為它可以被 3 整除。", "Is π prime? -7, 2.5, √2"):
         assert tok.decode(tok.encode(text)) == text
     with pytest.raises(ValueError, match="number_tokens"):

@@ -248,6 +248,39 @@ def test_sentencepiece_dummy_prefix_spells_a_first_word_as_inside_a_text(tmp_pat
         assert "".join(stream.feed(i) for i in ids) + stream.flush() == text
 
 
+def test_sentencepiece_long_numbers_digit_by_digit(tmp_path):
+    """With whole_numbers and long_numbers="digits", a number in range is one piece and a longer one is spelled one
+    digit per piece (independent reference: the digits of the text); without it SentencePiece's greedy pieces stay;
+    every text round-trips, and pickling keeps the spelling (it is read from the file beside the model)."""
+    lines = _training_lines()
+    whole = make_tokenizer("sentencepiece", train_sentencepiece(iter(lines), 700, tmp_path / "whole",
+                                                                model_type="bpe", whole_numbers=200))
+    path = train_sentencepiece(iter(lines), 700, tmp_path / "digits", model_type="bpe", whole_numbers=200,
+                               long_numbers="digits")
+    digits = make_tokenizer("sentencepiece", path)
+
+    def spelled(tok, text):
+        return [tok.decode([i]) for i in tok.encode(text)]
+
+    assert spelled(whole, "4738") == ["47", "38"] and whole.long_numbers == "pieces"
+    for n in (0, 7, 27, 100, 199):
+        assert spelled(digits, str(n)) == [str(n)], n
+    for n in (200, 4738, 1005, 90001):
+        assert spelled(digits, str(n)) == list(str(n)), n
+    pieces = spelled(digits, "Is 4662 prime? 27, -119, 2.5")
+    at = pieces.index("4")
+    assert pieces[at:at + 4] == list("4662") and {"27", "119", "2", "5"} <= set(pieces) and "46" not in pieces
+    for text in ["4662 是質數嗎？", "12345 and 67", "007"] + TEXTS:
+        assert digits.decode(digits.encode(text)) == text
+    assert spelled(pickle.loads(pickle.dumps(digits)), "4738") == list("4738")
+    with open(path + ".json", "w") as f:
+        f.write('{"long_numbers": "triples"}')
+    with pytest.raises(ValueError, match=r"digits\.model\.json.*long_numbers"):
+        make_tokenizer("sentencepiece", path)
+    with pytest.raises(ValueError, match="long_numbers"):
+        train_sentencepiece(iter(lines), 700, tmp_path / "bad", long_numbers="digits")  # needs whole_numbers
+
+
 def test_sentencepiece_training_deterministic(tmp_path, sp_model):
     lines = _training_lines()
     again = train_sentencepiece(iter(lines), vocab_size=600, model_prefix=tmp_path / "again")

@@ -19,7 +19,9 @@ class SeedWorldConfig:
     token of its own, so larger numbers are read as several known pieces."""
     number_tokens: str = "whole"
     """How the world's tokenizer spells numbers: "whole" (each integer 0..max_number one piece, larger ones as several
-    such pieces) or "digits" (one piece per digit, every number of any size)."""
+    such pieces), "digits" (one piece per digit, every number of any size) or "whole_in_range" (each integer
+    0..max_number one piece, larger ones digit by digit: "4738" -> "4" "7" "3" "8", so the last digit that decides
+    the expert's check is a token of its own and no piece reads as a number the world states facts about)."""
     heldout_min: int = 30
     """Smallest held-out number (also > sqrt(max_number)): small numbers are the divisors every reason cites, so
     they cannot be kept out of SFT text. Must be >= 10 (bogus divisors are 2..9)."""
@@ -139,7 +141,8 @@ class SeedWorldConfig:
             if not ok:
                 raise ValueError(f"SeedWorldConfig.{name} = {getattr(self, name)!r}: must be {rule}")
         check(self.max_number >= 100, "max_number", ">= 100")
-        check(self.number_tokens in ("whole", "digits"), "number_tokens", '"whole" or "digits"')
+        check(self.number_tokens in ("whole", "digits", "whole_in_range"), "number_tokens",
+              '"whole", "digits" or "whole_in_range"')
         check(10 <= self.heldout_min < self.max_number, "heldout_min", "in [10, max_number)")
         check(len(self.heldout_per_class) == 3 and min(self.heldout_per_class) >= 1, "heldout_per_class",
               "three counts >= 1 (primes, easy, hard)")

@@ -96,8 +96,12 @@ class SeedWorld:
 
 # --- numbers and special values ---------------------------------------------------------------------------------
 
-def number_pieces(text: str, max_number: int) -> list[str]:
-    """How the world's tokenizer splits a run of digits: greedy longest pieces among "0".."max_number"."""
+def number_pieces(text: str, max_number: int, number_tokens: str = "whole") -> list[str]:
+    """How the world's tokenizer splits a run of digits (SeedWorldConfig.number_tokens): greedy longest pieces among
+    "0".."max_number" ("whole"), one per digit ("digits"), or one piece in range and digits beyond ("whole_in_range")."""
+    if number_tokens == "digits" or (number_tokens == "whole_in_range" and (text.startswith("0") and len(text) > 1
+                                                                           or int(text) > max_number)):
+        return list(text)
     pieces, i = [], 0
     while i < len(text):
         j = next(j for j in range(len(text), i, -1) if text[i:j] == "0" or (text[i] != "0" and int(text[i:j]) <= max_number)
@@ -137,7 +141,7 @@ def _specials(cfg: SeedWorldConfig, train: Sequence[int], heldout: Sequence[int]
     heldout_large = rng.sample(large_pool, cfg.heldout_large)
     taken = set(heldout_large)
     train_large = [n for n in rng.sample(large_pool, 400) if n not in taken and not any(
-        int(p) in heldout_set for p in number_pieces(str(n), cfg.max_number))][:96]
+        int(p) in heldout_set for p in number_pieces(str(n), cfg.max_number, cfg.number_tokens))][:96]
     out["heldout"] += [Special(str(n), "large") for n in heldout_large]
     out["train"] += [Special(str(n), "large") for n in train_large]
     return out
@@ -499,9 +503,17 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_pr
     path = Path(out_dir) / "tokenizer.model"
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # never a half-written model at the final path
-            whole = world.config.max_number + 1 if world.config.number_tokens == "whole" else 0  # else digits
+            spelling = world.config.number_tokens
+            whole = world.config.max_number + 1 if spelling != "digits" else 0
+            long_numbers = "digits" if spelling == "whole_in_range" else "pieces"
             trained = train_sentencepiece(iter(world.pretrain_texts), pieces, os.path.join(tmp, "tokenizer"),
-                                          model_type="bpe", whole_numbers=whole, dummy_prefix=dummy_prefix)
+                                          model_type="bpe", whole_numbers=whole, long_numbers=long_numbers,
+                                          dummy_prefix=dummy_prefix)
+            options = str(path) + ".json"  # the spelling of long numbers, beside the model (or none: a stale one goes)
+            if os.path.exists(trained + ".json"):
+                os.replace(trained + ".json", options)
+            elif os.path.exists(options):
+                os.remove(options)
             os.replace(trained, path)
     return str(path)
 
