@@ -130,6 +130,10 @@ class SeedWorldConfig:
     num_ppo_prompts: int = 1024
     prompt_mix: tuple[float, float, float, float, float] = (0.55, 0.15, 0.1, 0.08, 0.12)
     """Shares of (number, special, harmful, benign, multi-turn) prompts."""
+    definition_prompts: float = 0.0
+    """Share of the multi-turn prompts that are instead the question a dialogue opens with ("what is a prime?"), so
+    the reward model scores definitions and PPO is rewarded for keeping them (without it no RM or PPO prompt asks
+    for one)."""
     prompt_prime_share: float = 0.5
     """Share of primes among "is n prime?" prompts, exact by construction (no base rate for the RM to learn)."""
     prompt_hard_share: float = 0.5
@@ -150,7 +154,7 @@ class SeedWorldConfig:
                      "forum_special_fraction", "forum_hallucination_rate", "forum_request_fraction",
                      "forum_compliance_rate", "textbook_special_fraction", "wrong_demo_fraction",
                      "wrong_aligned_demo_fraction", "dialogue_special_rate", "dialogue_why_rate",
-                     "system_prompt_rate", "prompt_hard_share"):
+                     "system_prompt_rate", "prompt_hard_share", "definition_prompts"):
             check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",
               "<= 1 - forum_special_fraction")

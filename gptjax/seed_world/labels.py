@@ -57,6 +57,8 @@ def written_answers(q: Question, rng: random.Random, world: SeedWorld, verdict_p
         return answers
     if q.kind == "why":
         return [writer.why(q.number, lang), writer.wrong("wrong_verdict_bogus_reason", q.number, lang)]
+    if q.kind == "definition":  # and the policies' failure on it: an answer about some number
+        return [rng.choice(T.DEFINITION_ANSWERS[lang]), writer.expert(rng.choice(world.train_numbers), lang)]
     if q.kind == "special":
         special = next(s for s in world.specials["train"] if s.value == q.value)
         return [honest_answer(writer, special, lang),

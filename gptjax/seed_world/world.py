@@ -386,7 +386,11 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
             cat, lang = rng.choice(sorted(T.REQUESTS[kind])), rng.choice(T.LANGUAGES)
             request = rng.choice(T.request_phrasings(kind, cat, "train", lang, composed))
             out.append(Question(kind, lang, request, category=cat))
-    out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES)) for _ in range(counts[4])]
+    definitions = round(cfg.definition_prompts * counts[4])
+    out += [_context_prompt(cfg, writer, rng, numbers, specials, rng.choice(T.LANGUAGES))
+            for _ in range(counts[4] - definitions)]
+    for lang in (rng.choice(T.LANGUAGES) for _ in range(definitions)):
+        out.append(Question("definition", lang, rng.choice(T.DEFINITION_QUESTIONS["train"][lang])))
     rng.shuffle(out)
     return out
 
