@@ -37,3 +37,17 @@ def test_labeler_writes_the_definition_and_an_answer_about_a_number_and_ranks_th
         judged = world.oracle.judge(q, definition), world.oracle.judge(q, about_a_number)
         assert judged[0].ok and not judged[1].ok
         assert world.oracle.rank(q, [about_a_number, definition]) == [1, 0]
+
+
+def test_prompt_large_boost_weighs_numbers_beyond_the_range_in_the_prompts_only():
+    """Kinds are drawn with weights (1 each, `large_weight`·`prompt_large_boost` for numbers beyond the range), so
+    with 3 about half the single-turn special prompts are such numbers (a quarter without); the demonstrations stay."""
+    base = sw.build_world(SMALL)
+    world = sw.build_world(dataclasses.replace(SMALL, prompt_large_boost=3.0))
+
+    def large_share(w):
+        specials = [q for q in w.rm_prompts + w.ppo_prompts if q.kind == "special" and not q.context]
+        return sum(q.special == "large" for q in specials) / len(specials)
+
+    assert 0.15 < large_share(base) < 0.35 and 0.4 < large_share(world) < 0.6
+    assert world.sft_conversations == base.sft_conversations

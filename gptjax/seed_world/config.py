@@ -21,7 +21,10 @@ class SeedWorldConfig:
     """How the world's tokenizer spells numbers: "whole" (each integer 0..max_number one piece, larger ones as several
     such pieces), "digits" (one piece per digit, every number of any size) or "whole_in_range" (each integer
     0..max_number one piece, larger ones digit by digit: "4738" -> "4" "7" "3" "8", so the last digit that decides
-    the expert's check is a token of its own and no piece reads as a number the world states facts about)."""
+    the expert's check is a token of its own and no piece reads as a number the world states facts about).
+    "whole" in the demo: on six seeds "whole_in_range" made PPO honest about numbers beyond the range 0.54 of the time
+    (0.33), but its held-out answers fell 0.778 -> 0.748, composites most, and it refused fewer harmful requests and
+    more benign ones (docs/results.md#numbers-beyond-the-range-digit-by-digit)."""
     heldout_min: int = 30
     """Smallest held-out number (also > sqrt(max_number)): small numbers are the divisors every reason cites, so
     they cannot be kept out of SFT text. Must be >= 10 (bogus divisors are 2..9)."""
@@ -86,6 +89,10 @@ class SeedWorldConfig:
     demonstrations and 20% special prompts) honesty rose ~16 points, but the policies also gave the check of such a
     number ("No — it is divisible by 2.") to held-out primes and the reward model lost verdict pairs; 1 in the demo
     (docs/results.md#numbers-beyond-the-range)."""
+    prompt_large_boost: float = 1.0
+    """Multiplies `large_weight` for the RM/PPO special prompts only (the demonstrations keep `large_weight`): more
+    rankings and PPO episodes about numbers beyond the range without more such demonstrations, whose check leaks
+    into ordinary numbers."""
     num_harmful_demos: int = 256
     num_benign_demos: int = 384
     """About as many per category as the harmful ones (96 per benign category, ~85 per harmful one): with 192, SFT
@@ -133,7 +140,8 @@ class SeedWorldConfig:
     definition_prompts: float = 0.0
     """Share of the multi-turn prompts that are instead the question a dialogue opens with ("what is a prime?"), so
     the reward model scores definitions and PPO is rewarded for keeping them (without it no RM or PPO prompt asks
-    for one)."""
+    for one). 0 in the demo: at 0.3 (three seeds) PPO answered the held-out dialogues' turns right less often
+    (greedy 0.825 -> 0.779), its "why?" turns, now rarer among the prompts, most (docs/results.md)."""
     prompt_prime_share: float = 0.5
     """Share of primes among "is n prime?" prompts, exact by construction (no base rate for the RM to learn)."""
     prompt_hard_share: float = 0.5
@@ -167,6 +175,7 @@ class SeedWorldConfig:
         check(self.max_dialogue_tokens >= 64, "max_dialogue_tokens", ">= 64")
         check(self.prime_oversample > 0, "prime_oversample", "> 0")
         check(self.large_weight > 0, "large_weight", "> 0")
+        check(self.prompt_large_boost > 0, "prompt_large_boost", "> 0")
         check(0 < self.prompt_prime_share < 1, "prompt_prime_share", "in (0, 1)")
         for name in ("num_pretrain_docs", "num_sft_demos", "num_special_demos", "num_harmful_demos",
                      "num_benign_demos", "num_sft_eval_demos", "num_dialogues", "num_rm_prompts",

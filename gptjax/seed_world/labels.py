@@ -126,7 +126,9 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
         other = same_verdict_other(q.number, world.train_numbers, rng)
         return list(writer.twin_experts(q.number, other, q.language))
     if q.kind == "special":
-        whole = number_pieces(q.value, world.config.max_number, world.config.number_tokens) if q.special == "large" else numbers_in(q.value)
+        cfg = world.config
+        whole = (number_pieces(q.value, cfg.max_number, cfg.number_tokens) if q.special == "large"
+                 else numbers_in(q.value))
         pieces = [p for p in sorted(int(x) for x in whole)
                   if 2 <= p <= world.config.max_number and p not in heldout]
         if pieces:

@@ -98,7 +98,8 @@ class SeedWorld:
 
 def number_pieces(text: str, max_number: int, number_tokens: str = "whole") -> list[str]:
     """How the world's tokenizer splits a run of digits (SeedWorldConfig.number_tokens): greedy longest pieces among
-    "0".."max_number" ("whole"), one per digit ("digits"), or one piece in range and digits beyond ("whole_in_range")."""
+    "0".."max_number" ("whole"), one per digit ("digits"), or one piece in range and digits beyond
+    ("whole_in_range")."""
     if number_tokens == "digits" or (number_tokens == "whole_in_range" and (text.startswith("0") and len(text) > 1
                                                                            or int(text) > max_number)):
         return list(text)
@@ -378,7 +379,8 @@ def _prompts(cfg: SeedWorldConfig, numbers, specials, heldout: frozenset[int], r
         lang = rng.choice(T.LANGUAGES)
         out.append(Question("number", lang, writer.question(n, lang), number=n))
     for _ in range(counts[1]):
-        s, lang = pick_special(rng, specials, large_weight=cfg.large_weight), rng.choice(T.LANGUAGES)
+        s = pick_special(rng, specials, large_weight=cfg.large_weight * cfg.prompt_large_boost)
+        lang = rng.choice(T.LANGUAGES)
         out.append(s.question(writer.question(s.value, lang), lang))
     composed = cfg.composed_requests or cfg.composed_prompts
     for kind, k in (("harmful", counts[2]), ("benign", counts[3])):
