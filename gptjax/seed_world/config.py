@@ -92,7 +92,9 @@ class SeedWorldConfig:
     prompt_large_boost: float = 1.0
     """Multiplies `large_weight` for the RM/PPO special prompts only (the demonstrations keep `large_weight`): more
     rankings and PPO episodes about numbers beyond the range without more such demonstrations, whose check leaks
-    into ordinary numbers."""
+    into ordinary numbers. 1 in the demo: at 3 (three seeds) PPO was honest about such numbers 0.40 of the time
+    (0.31; SFT 0.29), but refused fewer harmful requests (0.87 against 0.92) and answered "27" and the dialogues
+    a little worse (docs/results.md#more-prompts-about-numbers-beyond-the-range)."""
     num_harmful_demos: int = 256
     num_benign_demos: int = 384
     """About as many per category as the harmful ones (96 per benign category, ~85 per harmful one): with 192, SFT
