@@ -345,8 +345,12 @@ def _read_number_options(model_path: str) -> str:
     options_path = _options_path(model_path)
     if not os.path.isfile(options_path):
         return "pieces"
-    with open(options_path, encoding="utf-8") as f:
-        options = json.load(f)
+    try:
+        with open(options_path, encoding="utf-8") as f:
+            options = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{options_path}: not JSON ({e}); rewrite it as {{\"long_numbers\": \"digits\"}} or delete "
+                         "it (the model then spells numbers as SentencePiece segments them)") from None
     long_numbers = options.get("long_numbers") if isinstance(options, dict) else None
     if long_numbers not in LONG_NUMBERS or set(options) != {"long_numbers"}:
         raise ValueError(f"{options_path}: expected {{\"long_numbers\": one of {LONG_NUMBERS}}}, got {options!r}; "

@@ -277,6 +277,10 @@ def test_sentencepiece_long_numbers_digit_by_digit(tmp_path):
         f.write('{"long_numbers": "triples"}')
     with pytest.raises(ValueError, match=r"digits\.model\.json.*long_numbers"):
         make_tokenizer("sentencepiece", path)
+    with open(path + ".json", "w") as f:
+        f.write("long_numbers = digits")
+    with pytest.raises(ValueError, match=r"digits\.model\.json: not JSON"):
+        make_tokenizer("sentencepiece", path)
     with pytest.raises(ValueError, match="long_numbers"):
         train_sentencepiece(iter(lines), 700, tmp_path / "bad", long_numbers="digits")  # needs whole_numbers
 
