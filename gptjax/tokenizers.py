@@ -266,7 +266,6 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = str(path)
-        self.long_numbers = _read_number_options(self.path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(
                 f"SentencePiece model {self.path} not found; train one on local text with "
@@ -276,6 +275,7 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp = spm.SentencePieceProcessor(model_file=self.path)
         except Exception as e:
             raise ValueError(f"{self.path} is not a SentencePiece model: {e}") from e
+        self.long_numbers = _read_number_options(self.path)
         n = self._sp.get_piece_size()
         self.vocab_size = n + len(SPECIAL_TOKENS)
         self._init_specials({t: n + k for k, t in enumerate(SPECIAL_TOKENS)})
@@ -335,14 +335,15 @@ class SentencePieceTokenizer(Tokenizer):
 LONG_NUMBERS = ("pieces", "digits")
 
 
-def _options_path(model_path: str) -> str:
+def number_options_path(model_path: str) -> str:
+    """The file beside a SentencePiece model that says how it spells long numbers (`train_sentencepiece`)."""
     return model_path + ".json"
 
 
 def _read_number_options(model_path: str) -> str:
     """How numbers longer than a whole-number piece are spelled, from the JSON file beside the model (written by
     `train_sentencepiece`; no file: "pieces", SentencePiece's own greedy segmentation)."""
-    options_path = _options_path(model_path)
+    options_path = number_options_path(model_path)
     if not os.path.isfile(options_path):
         return "pieces"
     try:
@@ -460,7 +461,7 @@ def train_sentencepiece(
         minloglevel=2,
     )
     if long_numbers != "pieces":
-        with open(_options_path(prefix + ".model"), "w", encoding="utf-8") as f:
+        with open(number_options_path(prefix + ".model"), "w", encoding="utf-8") as f:
             json.dump({"long_numbers": long_numbers}, f)
     return prefix + ".model"
 

@@ -130,7 +130,7 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
         whole = (number_pieces(q.value, cfg.max_number, cfg.number_tokens) if q.special == "large"
                  else numbers_in(q.value))
         pieces = [p for p in sorted(int(x) for x in whole)
-                  if 2 <= p <= world.config.max_number and p not in heldout]
+                  if 2 <= p <= cfg.max_number and p not in heldout]
         if pieces:
             special = next(s for s in world.specials["train"] if s.value == q.value)
             return [honest_answer(writer, special, q.language), writer.expert(rng.choice(pieces), q.language)]

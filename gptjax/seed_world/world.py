@@ -33,7 +33,7 @@ from gptjax.seed_world.config import SeedWorldConfig
 from gptjax.seed_world.labeler import GoldOracle, Question
 from gptjax.seed_world.numbers import is_prime, number_class, numbers_in
 from gptjax.data import chat
-from gptjax.tokenizers import make_tokenizer, train_sentencepiece
+from gptjax.tokenizers import make_tokenizer, number_options_path, train_sentencepiece
 
 SHOWCASE = (("27 是不是質數？", 27, "zh"), ("Is 27 a prime number?", 27, "en"))
 # The talk's dialogues: "what is a prime? -> is 27? -> and 91? -> why?" and "what is a prime? -> is 27? -> is pi?".
@@ -99,9 +99,8 @@ class SeedWorld:
 def number_pieces(text: str, max_number: int, number_tokens: str = "whole") -> list[str]:
     """How the world's tokenizer splits a run of digits (SeedWorldConfig.number_tokens): greedy longest pieces among
     "0".."max_number" ("whole"), one per digit ("digits"), or one piece in range and digits beyond
-    ("whole_in_range")."""
-    if number_tokens == "digits" or (number_tokens == "whole_in_range" and (text.startswith("0") and len(text) > 1
-                                                                           or int(text) > max_number)):
+    ("whole_in_range": as the tokenizer's long_numbers="digits", a run of several whole pieces becomes digits)."""
+    if number_tokens == "digits":
         return list(text)
     pieces, i = [], 0
     while i < len(text):
@@ -109,7 +108,7 @@ def number_pieces(text: str, max_number: int, number_tokens: str = "whole") -> l
                  or j == i + 1)
         pieces.append(text[i:j])
         i = j
-    return pieces
+    return list(text) if number_tokens == "whole_in_range" and len(pieces) > 1 else pieces
 
 
 def _choose_heldout(cfg: SeedWorldConfig, rng: random.Random) -> tuple[int, ...]:
@@ -515,9 +514,9 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_pr
             trained = train_sentencepiece(iter(world.pretrain_texts), pieces, os.path.join(tmp, "tokenizer"),
                                           model_type="bpe", whole_numbers=whole, long_numbers=long_numbers,
                                           dummy_prefix=dummy_prefix)
-            options = str(path) + ".json"  # the spelling of long numbers, beside the model (or none: a stale one goes)
-            if os.path.exists(trained + ".json"):
-                os.replace(trained + ".json", options)
+            options = number_options_path(str(path))  # beside the model, or none: a stale one goes
+            if os.path.exists(number_options_path(trained)):
+                os.replace(number_options_path(trained), options)
             elif os.path.exists(options):
                 os.remove(options)
             os.replace(trained, path)
