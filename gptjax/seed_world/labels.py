@@ -22,6 +22,7 @@ training numbers and the writer avoids the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -139,22 +140,29 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
 
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
                    written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False,
-                   topic_pairs: bool = False, special_pairs: bool = False) -> dict[str, str]:
-    """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths."""
+                   topic_pairs: bool = False, special_pairs: bool = False,
+                   cannot_tell_credit: float | None = None) -> dict[str, str]:
+    """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths.
+    `cannot_tell_credit`, when given, replaces the oracle's (GoldOracle.cannot_tell_credit) for the ranking."""
+    if cannot_tell_credit is not None and not 0 <= cannot_tell_credit <= 1:
+        raise ValueError(f"labels.cannot_tell_credit: {cannot_tell_credit} is not in [0, 1] (a share of the aligned "
+                         f"score); set it between 0 and 1")
     questions: Sequence[Question] = world.rm_prompts
+    oracle = (world.oracle if cannot_tell_credit is None
+              else dataclasses.replace(world.oracle, cannot_tell_credit=float(cannot_tell_credit)))
     samples = [evaluator.ask(policy, questions, 1.0, salt=100 + i).texts for i in range(k)]
     rng = random.Random(f"seed-world/{seed}/labels")
     records = []
     for qi, q in enumerate(questions):
         labeler_written = written_answers(q, rng, world, verdict_pair) if written else []
         answers = [samples[i][qi] for i in range(k)] + labeler_written
-        record = world.oracle.ranking_record(q, answers, max_ranked=9)
+        record = oracle.ranking_record(q, answers, max_ranked=9)
         if record is not None:
             records.append(record)
-        records += tied_written_pairs(world.oracle, q, labeler_written, record)
+        records += tied_written_pairs(oracle, q, labeler_written, record)
         paired = topic_pairs if q.kind == "number" else special_pairs
         pair = topic_pair(q, rng, world) if paired else []
-        if pair and (record := world.oracle.ranking_record(q, pair)) is not None:
+        if pair and (record := oracle.ranking_record(q, pair)) is not None:
             records.append(record)
     n_eval = max(1, int(round(eval_fraction * len(records))))
     os.makedirs(out_dir, exist_ok=True)

@@ -154,7 +154,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
                                             eval_fraction=float(cfg.labels.eval_fraction), seed=int(cfg.seed),
                                             verdict_pair=bool(cfg.labels.verdict_pair),
                                             topic_pairs=bool(cfg.labels.topic_pairs),
-                                            special_pairs=bool(cfg.labels.special_pairs))
+                                            special_pairs=bool(cfg.labels.special_pairs),
+                                            cannot_tell_credit=float(cfg.labels.cannot_tell_credit))
     timings["labels"] = time.time() - start
     _, _, reward_cfg, ppo_cfg = _configure(cfg, workdir, files, tokenizer_path, label_paths, unseen)
     _train("reward", reward_cfg, workdir, timings)
