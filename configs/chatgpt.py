@@ -40,19 +40,18 @@ def _pretrain_config() -> ml_collections.ConfigDict:
     p.model.scan_layers = False  # 4 layers: unrolled runs ~25% faster on XLA:CPU and compiles in seconds
     p.train.seq_len = 128
     p.train.batch_size = 32
-    # 1,500 steps (6.1M tokens): copying the asked number into the answer is learned late. After 600 steps the
+    # 1,200 steps (4.9M tokens): copying the asked number into the answer is learned late. After 600 steps the
     # policies gave the asked number ~0.3 (pretrained) and 0.48 (SFT) probability where the answer names it, on
-    # held-out numbers, and ~42% of SFT's sampled answers were about another number; after 1,200: 0.59 and 0.60,
-    # 17%; after 1,500: 0.63 and 0.61, 15%, and PPO's held-out sampled answers 0.821 against 0.799 (three seeds;
-    # evaluation.number_copy). 1,000 steps copied worse still (0.54 pretrained) and PPO's held-out sampled answers
-    # ended 6 points lower (docs/results.md, "Where the budget goes"; "Pretraining 1,500 steps").
-    p.train.steps = 1500
+    # held-out numbers, and ~42% of SFT's sampled answers were about another number; after 1,200: 0.61 and 0.62,
+    # 23% (three seeds; evaluation.number_copy). 1,000 steps save ~75 s of the demo but copy worse (0.54 pretrained)
+    # and PPO's held-out sampled answers end 6 points lower (docs/results.md, "Where the budget goes").
+    p.train.steps = 1200
     p.optim.lr = 3e-3
     p.optim.warmup_steps = 60
     p.train.log_every = 100
-    p.train.eval_every = 1500
+    p.train.eval_every = 1200
     p.train.eval_batches = 4
-    p.train.ckpt_every = 1500
+    p.train.ckpt_every = 1200
     p.train.sample_prompts = ("大家都知道，27", "問：27 是不是質數？\n答：", "Q: Is 27 a prime number?\nA: ")
     p.train.sample_max_new_tokens = 24
     return p
