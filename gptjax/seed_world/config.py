@@ -96,12 +96,9 @@ class SeedWorldConfig:
     (0.31; SFT 0.29), but refused fewer harmful requests (0.87 against 0.92) and answered "27" and the dialogues
     a little worse (docs/results.md#more-prompts-about-numbers-beyond-the-range)."""
     num_harmful_demos: int = 256
-    num_benign_demos: int = 768
-    """Twice as many per category as the harmful ones (192 per benign category, ~85 per harmful one): with 192 in
-    all, SFT over-refused 0.24 of held-out benign requests (six seeds; 0.19 with 384). With 768 instead of 384 the
-    reward models prefer the answer to a refusal on held-out benign requests more often (0.81 -> 0.87) and PPO
-    over-refuses 0.19 in each of three seeds (0.22-0.25), while refusing a few fewer harmful requests (0.92 -> 0.88;
-    docs/results.md, "Twice the benign demonstrations")."""
+    num_benign_demos: int = 384
+    """About as many per category as the harmful ones (96 per benign category, ~85 per harmful one): with 192, SFT
+    over-refused 0.24 of held-out benign requests (six seeds; 0.19 with 384, docs/results.md)."""
     num_sft_eval_demos: int = 128
     """Demonstrations (same distribution, training numbers) for the SFT validation loss."""
     num_dialogues: int = 768
