@@ -1,9 +1,13 @@
 """The gold labeler's credit for "I can't tell" about numbers beyond the range (GoldOracle.cannot_tell_credit),
 against scores computed by hand from the oracle's weights."""
 
+import os
+
 import pytest
 
-from gptjax.seed_world import labels
+from configs import chatgpt as chatgpt_config
+from gptjax.errors import ConfigError
+from gptjax.seed_world import labels, pipeline
 from gptjax.seed_world.labeler import GoldOracle, Question
 
 CHECKED = "No — it is divisible by 2."  # 7006's last digit proves it
@@ -36,6 +40,14 @@ def test_hedge_where_nothing_shows_a_divisor_earns_full_credit_at_any_setting():
 
 
 def test_label_rankings_rejects_a_credit_outside_zero_one():
-    with pytest.raises(ValueError, match=r"labels\.cannot_tell_credit: 1\.5 is not in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"labels\.cannot_tell_credit: 1\.5 is not in \[0, 1\]"):
         labels.label_rankings(None, None, None, "/nonexistent", k=1, written=False, eval_fraction=0.1, seed=0,
                               cannot_tell_credit=1.5)
+
+
+def test_pipeline_refuses_a_bad_credit_before_it_writes_anything(tmp_path):
+    cfg = chatgpt_config.get_config("smoke")
+    cfg.labels.cannot_tell_credit = -0.5
+    with pytest.raises(ConfigError, match=r"labels\.cannot_tell_credit: -0\.5"):
+        pipeline.run_pipeline(cfg, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from gptjax.errors import ConfigError
+
 from gptjax.seed_world import templates as T
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.seed_world.labeler import Question
@@ -138,15 +140,21 @@ def topic_pair(q: Question, rng: random.Random, world: SeedWorld) -> list[str]:
     return []
 
 
+def check_cannot_tell_credit(credit: float) -> None:
+    """Raises ConfigError naming `labels.cannot_tell_credit` unless it is a share in [0, 1]."""
+    if not 0 <= credit <= 1:
+        raise ConfigError(f"labels.cannot_tell_credit: {credit} is not in [0, 1] (a share of the aligned score); "
+                          f"set it between 0 and 1")
+
+
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
                    written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False,
                    topic_pairs: bool = False, special_pairs: bool = False,
                    cannot_tell_credit: float | None = None) -> dict[str, str]:
     """Writes rankings_{train,eval}.jsonl in `out_dir` (the reward model's data) and returns their paths.
     `cannot_tell_credit`, when given, replaces the oracle's (GoldOracle.cannot_tell_credit) for the ranking."""
-    if cannot_tell_credit is not None and not 0 <= cannot_tell_credit <= 1:
-        raise ValueError(f"labels.cannot_tell_credit: {cannot_tell_credit} is not in [0, 1] (a share of the aligned "
-                         f"score); set it between 0 and 1")
+    if cannot_tell_credit is not None:
+        check_cannot_tell_credit(cannot_tell_credit)
     questions: Sequence[Question] = world.rm_prompts
     oracle = (world.oracle if cannot_tell_credit is None
               else dataclasses.replace(world.oracle, cannot_tell_credit=float(cannot_tell_credit)))

@@ -120,6 +120,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
     ``through="reward"`` it stops once the reward model is trained and returns only {"timings_s": ...}."""
     if through not in STOP_POINTS:
         raise ValueError(f"run_pipeline(through={through!r}): valid stop points are {STOP_POINTS}")
+    labels.check_cannot_tell_credit(float(cfg.labels.cannot_tell_credit))
     workdir = os.path.abspath(workdir)
     t0 = time.time()
     world = world_lib.build_world(SeedWorldConfig(**{**cfg.world.to_dict(), "seed": int(cfg.seed)}))
