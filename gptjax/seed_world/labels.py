@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from absl import logging
 
 from gptjax.errors import ConfigError
-
 from gptjax.seed_world import templates as T
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.seed_world.labeler import Question
