@@ -514,9 +514,9 @@ def train_tokenizer(world: SeedWorld, out_dir: str | Path, pieces: int, dummy_pr
             trained = train_sentencepiece(iter(world.pretrain_texts), pieces, os.path.join(tmp, "tokenizer"),
                                           model_type="bpe", whole_numbers=whole, long_numbers=long_numbers,
                                           dummy_prefix=dummy_prefix)
-            options = number_options_path(str(path))  # beside the model, or none: a stale one goes
-            if os.path.exists(number_options_path(trained)):
-                os.replace(number_options_path(trained), options)
+            trained_options, options = number_options_path(trained), number_options_path(str(path))
+            if os.path.exists(trained_options):  # beside the model, or none: a stale one goes
+                os.replace(trained_options, options)
             elif os.path.exists(options):
                 os.remove(options)
             os.replace(trained, path)
