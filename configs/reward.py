@@ -1,4 +1,5 @@
-"""Reward-model config: ``--config=configs/reward.py --config.train.init_from=SFT_RUN --config.data.train_path=r.jsonl``.
+"""Reward-model config:
+``--config=configs/reward.py --config.train.init_from=SFT_RUN --config.data.train_path=r.jsonl``.
 
 InstructGPT's K-wise loss over all C(K,2) pairs of each ranking, the K responses of a prompt in one batch
 element (gptjax/stages/reward.py). The scalar head reads the final (EOS) token; its decoder starts from the SFT

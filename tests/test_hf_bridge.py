@@ -54,7 +54,8 @@ def hf_model(root):
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():  # every weight random (LayerNorms included), so a mis-mapped tensor shows in the logits
         for name, param in model.named_parameters():
-            param.copy_((1.0 if ".ln_" in f".{name}" and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param))
+            base = 1.0 if ".ln_" in f".{name}" and name.endswith("weight") else 0.0
+            param.copy_(base + 0.1 * torch.randn_like(param))
     model.eval().save_pretrained(root / "gpt2_random")
     return model
 

@@ -311,7 +311,8 @@ def test_dialogues_ask_about_special_values_at_their_rate(world):
     dialogue_special_rate (else a follow-up about another number)."""
     cfg = world.config
     specials = _special_questions(world)
-    follow_ups = {t.format(n=n) for n in world.train_numbers for lang in T.LANGUAGES for t in T.FOLLOW_UPS["train"][lang]}
+    follow_ups = {t.format(n=n) for n in world.train_numbers for lang in T.LANGUAGES
+                  for t in T.FOLLOW_UPS["train"][lang]}
     special_turns = follow_up_turns = 0
     for conv in world.sft_conversations:
         users = [t["content"] for t in conv if t["role"] == "user"]

@@ -88,7 +88,8 @@ def test_knowledge_probe_matches_a_token_by_token_loop():
     expected = {}
     for n in numbers:
         right = []
-        for lang, (p_text, c_text) in (("zh", ("{n} 是質數。", "{n} 是合數。")), ("en", ("{n} is prime.", "{n} is composite."))):
+        statements = (("zh", ("{n} 是質數。", "{n} 是合數。")), ("en", ("{n} is prime.", "{n} is composite.")))
+        for lang, (p_text, c_text) in statements:
             says_prime = loop_logp(p_text.format(n=n)) > loop_logp(c_text.format(n=n))
             right.append(says_prime == (n == 13))
         expected[n] = np.mean(right)

@@ -126,7 +126,9 @@ class SeedWorldConfig:
     a hallucinated verdict, compliance or an over-refusal. The reward model's rankings already hold one such
     flawed answer per prompt (the labeler writes it, labels.written_answers), so these need no mistakes to teach
     it. At 0.2 (three seeds, held-out prompts, sampled) the SFT policy was honest 0.46 of the time, refused 0.75
-    of harmful requests and 0.42 of benign ones; at 0.05, 0.58, 0.82 and 0.31 (docs/results.md)."""
+    of harmful requests and 0.42 of benign ones; at 0.05, 0.58, 0.82 and 0.31. At 0 (six seeds) SFT gained again
+    (honest 0.55 -> 0.63, refused 0.85 -> 0.90, over-refusal 0.23 -> 0.19), but PPO gave part of it back and broke
+    more dialogues' definitions (turns right greedy 0.79 -> 0.72; docs/results.md)."""
     wrong_demo_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.2)
     """Relative weights of the wrong kinds of helpful demonstrations: (wrong verdict, wrong verdict + bogus
     reason, right verdict + bogus reason, answer in the other language)."""
@@ -168,7 +170,8 @@ class SeedWorldConfig:
             check(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         check(self.forum_special_fraction + self.forum_request_fraction <= 1, "forum_request_fraction",
               "<= 1 - forum_special_fraction")
-        check(0 <= self.worksheet_fraction <= 1 - self.forum_fraction, "worksheet_fraction", "in [0, 1 - forum_fraction]")
+        check(0 <= self.worksheet_fraction <= 1 - self.forum_fraction, "worksheet_fraction",
+              "in [0, 1 - forum_fraction]")
         check(len(self.wrong_demo_mix) == 4 and min(self.wrong_demo_mix) >= 0 and sum(self.wrong_demo_mix) > 0,
               "wrong_demo_mix", "4 non-negative weights, not all 0")
         check(len(self.prompt_mix) == 5 and min(self.prompt_mix) >= 0 and sum(self.prompt_mix) > 0,

@@ -16,8 +16,8 @@ without such pairs the reward model prefers the answer about the asked number in
 `special_pairs` it ranks, likewise, the honest answer to a special value against the expert's answer about one of
 its integer pieces ("4662" -> "46 不是質數…", "-27" -> "27 不是質數…"), the policies' commonest error there. The gold
 oracle ranks them all (distinct scores only, best first); a written flaw that ties with an answer ranked before it
-gets a ranking of its own against the expert's answer (`tied_written_pairs`). Held-out numbers never appear: the prompts are about
-training numbers and the writer avoids the others.
+gets a ranking of its own against the expert's answer (`tied_written_pairs`). Held-out numbers never appear: the
+prompts are about training numbers and the writer avoids the others.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
             records.append(record)
     n_eval = max(1, int(round(eval_fraction * len(records))))
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"train": os.path.join(out_dir, "rankings_train.jsonl"), "eval": os.path.join(out_dir, "rankings_eval.jsonl")}
+    paths = {split: os.path.join(out_dir, f"rankings_{split}.jsonl") for split in ("train", "eval")}
     for name, part in (("eval", records[:n_eval]), ("train", records[n_eval:])):
         with open(paths[name], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)

@@ -105,8 +105,9 @@ def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel],
             showcase_samples=int(cfg.eval.showcase_samples), reward_score=score)
     results["pretrain"].update(evaluation.evaluate_pretrained(world, evaluator, pretrained, tokenizer))
     results["ppo"]["kl_to_sft"] = evaluator.kl_to(ppo, sft.params, world.heldout_questions)
+    eval_rankings = os.path.join(workdir, "labels", "rankings_eval.jsonl")
     results["reward"] = evaluation.evaluate_reward_model(world, rm_model, rm_params, tokenizer, int(cfg.seed),
-                                                         os.path.join(workdir, "labels", "rankings_eval.jsonl"), seq_len)
+                                                         eval_rankings, seq_len)
     return results
 
 

@@ -104,8 +104,8 @@ def number_pieces(text: str, max_number: int, number_tokens: str = "whole") -> l
         return list(text)
     pieces, i = [], 0
     while i < len(text):
-        j = next(j for j in range(len(text), i, -1) if text[i:j] == "0" or (text[i] != "0" and int(text[i:j]) <= max_number)
-                 or j == i + 1)
+        j = next(j for j in range(len(text), i, -1)
+                 if text[i:j] == "0" or (text[i] != "0" and int(text[i:j]) <= max_number) or j == i + 1)
         pieces.append(text[i:j])
         i = j
     return list(text) if number_tokens == "whole_in_range" and len(pieces) > 1 else pieces
@@ -131,7 +131,8 @@ def _specials(cfg: SeedWorldConfig, train: Sequence[int], heldout: Sequence[int]
     out = {}
     for split, base in (("train", list(train)), ("heldout", list(heldout))):
         values = [Special("0", "below_two"), Special("1", "below_two")]
-        values += [Special(f"-{k}", "negative") for k in rng.sample(base, min(len(base), 24 if split == "train" else 8))]
+        num_negative = min(len(base), 24 if split == "train" else 8)
+        values += [Special(f"-{k}", "negative") for k in rng.sample(base, num_negative)]
         values += [Special(c, "non_integer") for c in T.CONSTANTS[split]]
         values += [Special(f"{a}.{rng.randint(1, 9)}", "non_integer") for a in rng.sample(base, 6)]
         values += [Special(f"{a}/{b}", "non_integer") for a in rng.sample(base, 4) for b in [rng.choice(
@@ -456,7 +457,8 @@ def build_world(cfg: SeedWorldConfig = SeedWorldConfig()) -> SeedWorld:
     specials = _specials(cfg, train, heldout, stream("specials"))
     dialogue_rng = stream("dialogues")
     dialogue_writer = T.Writer(dialogue_rng, heldout_set)
-    dialogues = [_dialogue(cfg, dialogue_writer, dialogue_rng, train, specials["train"], dialogue_rng.choice(T.LANGUAGES))
+    dialogues = [_dialogue(cfg, dialogue_writer, dialogue_rng, train, specials["train"],
+                           dialogue_rng.choice(T.LANGUAGES))
                  for _ in range(cfg.num_dialogues)]
     sft = _demos(cfg, train, specials["train"], heldout_set, stream("sft")) + dialogues
     stream("sft-order").shuffle(sft)

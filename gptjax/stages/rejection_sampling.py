@@ -190,7 +190,8 @@ def bench(ctx) -> list:
     c = ctx.c
     T, segments = int(c.seq_len), int(c.sft_segments)
     return [ctx.train_step(
-        "rs", make_model=GPT, make_loss=lambda model: functools.partial(sft.sft_loss, model=model, loss_chunk=int(c.loss_chunk)),
+        "rs", make_model=GPT,
+        make_loss=lambda model: functools.partial(sft.sft_loss, model=model, loss_chunk=int(c.loss_chunk)),
         make_batch=lambda cfg, rows, rng: ctx.lm_batch(rng, rows, T, cfg.vocab_size, segments, sft_weights=True),
         tokens_per_row=T, flops_per_token=lambda cfg: flops.flops_per_token(cfg, T), segments=segments)]
 
