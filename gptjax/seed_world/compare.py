@@ -24,7 +24,7 @@ from absl import logging
 
 from gptjax import sharding
 from gptjax.model import ScoreModel
-from gptjax.seed_world import compare_report, evaluation, overopt
+from gptjax.seed_world import compare_report, evaluation, labels, overopt
 from gptjax.seed_world import world as world_lib
 from gptjax.seed_world.evaluation import StageEvaluator, StageModel
 from gptjax.stages import common, registry, reward
@@ -38,10 +38,10 @@ EVAL_VERSION = 2  # bumped when the evaluation changes: older cached evaluations
 
 def placeholders(pipeline_dir: str) -> dict[str, str]:
     """What the methods' config placeholders stand for: the pipeline's runs and files."""
+    rankings = labels.rankings_paths(os.path.join(pipeline_dir, "labels"))
     return {"{sft}": os.path.join(pipeline_dir, "sft"), "{reward}": os.path.join(pipeline_dir, "reward"),
             "{prompts}": os.path.join(pipeline_dir, "world", "ppo_prompts.jsonl"),
-            "{rankings_train}": os.path.join(pipeline_dir, "labels", "rankings_train.jsonl"),
-            "{rankings_eval}": os.path.join(pipeline_dir, "labels", "rankings_eval.jsonl")}
+            "{rankings_train}": rankings["train"], "{rankings_eval}": rankings["eval"]}
 
 
 def method_config(method: ml_collections.ConfigDict, values: dict[str, str], seed: int) -> ml_collections.ConfigDict:

@@ -146,6 +146,11 @@ def check_cannot_tell_credit(credit: float) -> None:
                           f"set it between 0 and 1")
 
 
+def rankings_paths(out_dir: str) -> dict[str, str]:
+    """The rankings files `label_rankings` writes in `out_dir`, by split ("train", "eval")."""
+    return {split: os.path.join(out_dir, f"rankings_{split}.jsonl") for split in ("train", "eval")}
+
+
 def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageModel, out_dir: str, *, k: int,
                    written: bool, eval_fraction: float, seed: int, verdict_pair: bool = False,
                    topic_pairs: bool = False, special_pairs: bool = False,
@@ -173,7 +178,7 @@ def label_rankings(world: SeedWorld, evaluator: StageEvaluator, policy: StageMod
             records.append(record)
     n_eval = max(1, int(round(eval_fraction * len(records))))
     os.makedirs(out_dir, exist_ok=True)
-    paths = {split: os.path.join(out_dir, f"rankings_{split}.jsonl") for split in ("train", "eval")}
+    paths = rankings_paths(out_dir)
     for name, part in (("eval", records[:n_eval]), ("train", records[n_eval:])):
         with open(paths[name], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)

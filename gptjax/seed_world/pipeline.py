@@ -105,7 +105,7 @@ def _evaluate(cfg, world, evaluator: StageEvaluator, policies: list[StageModel],
             showcase_samples=int(cfg.eval.showcase_samples), reward_score=score)
     results["pretrain"].update(evaluation.evaluate_pretrained(world, evaluator, pretrained, tokenizer))
     results["ppo"]["kl_to_sft"] = evaluator.kl_to(ppo, sft.params, world.heldout_questions)
-    eval_rankings = os.path.join(workdir, "labels", "rankings_eval.jsonl")
+    eval_rankings = labels.rankings_paths(os.path.join(workdir, "labels"))["eval"]
     results["reward"] = evaluation.evaluate_reward_model(world, rm_model, rm_params, tokenizer, int(cfg.seed),
                                                          eval_rankings, seq_len)
     return results
@@ -149,7 +149,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, through: str = "e
 
     start = time.time()
     label_dir = os.path.join(workdir, "labels")
-    label_paths = {name: os.path.join(label_dir, f"rankings_{name}.jsonl") for name in ("train", "eval")}
+    label_paths = labels.rankings_paths(label_dir)
     if not all(os.path.exists(p) for p in label_paths.values()):
         label_paths = labels.label_rankings(world, evaluator, sft, label_dir, k=int(cfg.labels.k),
                                             written=bool(cfg.labels.written),
