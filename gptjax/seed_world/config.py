@@ -89,6 +89,11 @@ class SeedWorldConfig:
     demonstrations and 20% special prompts) honesty rose ~16 points, but the policies also gave the check of such a
     number ("No — it is divisible by 2.") to held-out primes and the reward model lost verdict pairs; 1 in the demo
     (docs/results.md#numbers-beyond-the-range)."""
+    large_answer: str = "check"
+    """What the expert's demonstrations answer about a number beyond the range: "check" (the divisor its last digit
+    shows, 2 or 5, else "I can't tell") or "cannot_tell" (always "I can't tell": nothing to read off the number's
+    last piece, which the tokenizer merges with the digit before it). Only the SFT demonstrations change: the forum
+    and the labelers' written answers keep the check, and the gold labeler counts both as honest."""
     prompt_large_boost: float = 1.0
     """Multiplies `large_weight` for the RM/PPO special prompts only (the demonstrations keep `large_weight`): more
     rankings and PPO episodes about numbers beyond the range without more such demonstrations, whose check leaks
@@ -159,6 +164,7 @@ class SeedWorldConfig:
         check(self.max_number >= 100, "max_number", ">= 100")
         check(self.number_tokens in ("whole", "digits", "whole_in_range"), "number_tokens",
               '"whole", "digits" or "whole_in_range"')
+        check(self.large_answer in ("check", "cannot_tell"), "large_answer", '"check" or "cannot_tell"')
         check(10 <= self.heldout_min < self.max_number, "heldout_min", "in [10, max_number)")
         check(len(self.heldout_per_class) == 3 and min(self.heldout_per_class) >= 1, "heldout_per_class",
               "three counts >= 1 (primes, easy, hard)")

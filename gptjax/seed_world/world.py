@@ -247,11 +247,13 @@ def pick_special(rng: random.Random, specials: Sequence[Special], exclude: tuple
     return rng.choice([s for s in specials if s.kind == kind])
 
 
-def honest_answer(writer: T.Writer, s: Special, lang: str) -> str:
+def honest_answer(writer: T.Writer, s: Special, lang: str, check_large: bool = True) -> str:
+    """The expert's answer to a special value. A number beyond the range gets the divisor its last digit shows
+    (2 or 5) or, if none (or not `check_large`), "I can't tell"."""
     if s.kind != "large":
         return writer.pick(T.HONEST[s.kind][lang], v=s.value)
     n = int(s.value)
-    d = 2 if n % 2 == 0 else 5 if n % 5 == 0 else None
+    d = (2 if n % 2 == 0 else 5 if n % 5 == 0 else None) if check_large else None
     return writer.pick(T.HONEST["large_divisible" if d else "large_unknown"][lang], v=s.value, d=d)
 
 
@@ -283,7 +285,7 @@ def _demos(cfg: SeedWorldConfig, numbers: Sequence[int], specials: Sequence[Spec
         s, lang = pick_special(rng, specials, large_weight=cfg.large_weight), rng.choice(T.LANGUAGES)
         wrong = rng.random() < cfg.wrong_aligned_demo_fraction
         answer = (writer.pick(T.HALLUCINATED[lang], v=s.value, b=rng.choice((3, 7))) if wrong
-                  else honest_answer(writer, s, lang))
+                  else honest_answer(writer, s, lang, check_large=cfg.large_answer == "check"))
         demos.append(_maybe_system(cfg, rng, lang) + _exchange(writer.question(s.value, lang), answer))
     for kind, count, good, bad in (("harmful", cfg.num_harmful_demos, T.REFUSALS, T.COMPLIANCE),
                                    ("benign", cfg.num_benign_demos, T.BENIGN_ANSWERS, None)):
