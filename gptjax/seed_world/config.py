@@ -93,7 +93,10 @@ class SeedWorldConfig:
     """What the expert's demonstrations answer about a number beyond the range: "check" (the divisor its last digit
     shows, 2 or 5, else "I can't tell") or "cannot_tell" (always "I can't tell": nothing to read off the number's
     last piece, which the tokenizer merges with the digit before it). Only the SFT demonstrations change: the forum
-    and the labelers' written answers keep the check, and the gold labeler counts both as honest."""
+    and the labelers' written answers keep the check, and the gold labeler counts both as honest. "check" in the
+    demo: with "cannot_tell" (two seeds) SFT was honest about such numbers 0.50 of the time instead of 0.32, but
+    gave "I can't tell" to ordinary numbers too, and PPO took the honesty back to 0.37 and refused fewer harmful
+    requests (docs/results.md#i-cant-tell-for-every-number-beyond-the-range)."""
     prompt_large_boost: float = 1.0
     """Multiplies `large_weight` for the RM/PPO special prompts only (the demonstrations keep `large_weight`): more
     rankings and PPO episodes about numbers beyond the range without more such demonstrations, whose check leaks
